@@ -1,0 +1,34 @@
+# One entry point: `make demo` (set up + offline demo sweep + report), `make test` (set up + suite).
+# Targets are idempotent: the venv is rebuilt only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test lint demo report ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned to the CPU wheel that lies on disk; a bare `torch` pulls a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[demo,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/ikd-sweep run sweeps/demo.yaml
+	$(BIN)/ikd-sweep report --sweep demo --out ikd-runs/report --format all
+
+ui: setup
+	$(BIN)/ikd-sweep ui
+
+clean:
+	rm -rf $(VENV) ikd-runs .pytest_cache .ruff_cache

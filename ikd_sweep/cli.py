@@ -1,0 +1,204 @@
+"""The `ikd-sweep` command line: validate, train, run, report, ui.
+
+Exit codes: 0 success, 2 bad input, 3 a sweep that finished with failed trials, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ikd_sweep.config import (
+    ConfigError,
+    SweepConfig,
+    Trial,
+    default_home,
+    expand_trials,
+    load_sweep,
+    parse_overrides,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.")
+console = Console()
+err = Console(stderr=True)
+
+SweepArg = Annotated[Path, typer.Argument(help="sweep YAML file, e.g. sweeps/demo.yaml")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override key=value, e.g. "
+                                                   "train.epochs=1 (repeatable)")]
+HomeOpt = Annotated[Path | None, typer.Option(help="working folder (default $IKD_SWEEP_HOME or "
+                                                  "./ikd-runs)")]
+
+
+def _load(path: Path, overrides: list[str] | None = None) -> SweepConfig:
+    try:
+        return load_sweep(path, parse_overrides(overrides or []))
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e.path}: invalid sweep file")
+        for line in e.errors:
+            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _home(home: Path | None) -> Path:
+    return (home or default_home()).resolve()
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
+    """Check a sweep file; print its trial count and the expanded search space."""
+    cfg = _load(sweep, set_)
+    trials = expand_trials(cfg)
+    table = Table(title=f"{cfg.name}: {len(trials)} trials")
+    for col in ("task", "method", "trials", "temperature", "exam_every", "teacher_lr", "seeds"):
+        table.add_column(col)
+    groups: dict[tuple[str, str], list[Trial]] = {}
+    for t in trials:
+        groups.setdefault((t.task, t.method), []).append(t)
+    for (task, method), ts in groups.items():
+        vals = lambda a: ", ".join(_fmt(v) for v in sorted({getattr(t, a) for t in ts},  # noqa: E731
+                                                             key=lambda x: (x is None, x)))
+        table.add_row(task, method, str(len(ts)), vals("temperature"), vals("exam_every"),
+                      vals("teacher_lr"), vals("seed"))
+    console.print(table)
+    console.print(f"{sweep}: valid, {len(trials)} trials")
+
+
+class _ProgressCallback:
+    """Trainer callback for `ikd-sweep train`: a progress bar and a JSON-lines metrics log."""
+
+    def __init__(self, progress: Progress, task_id, log_path: Path, tracker=None):
+        self.progress, self.task_id, self.log_path = progress, task_id, log_path
+        self.tracker = tracker
+
+    def _write(self, metrics: dict, step: int) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(metrics, step)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._write(metrics, step)
+        loss = metrics.get("train/loss")
+        self.progress.update(self.task_id, completed=step,
+                             info="" if loss is None else f"loss {loss:.4f}")
+
+    def report(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
+        self._write(metrics, step)
+        if "dev/main" in metrics:
+            self.progress.console.print(f"step {step}: dev/main {metrics['dev/main']:.4f}"
+                                        f" (best {metrics.get('best/dev_main', 0):.4f})")
+
+
+def _pick_trial(cfg: SweepConfig, task: str, method: str, seed: int | None,
+                temperature: float | None, exam_every: int | None,
+                teacher_lr: float | None) -> Trial:
+    if task not in cfg.tasks:
+        raise typer.BadParameter(f"task {task!r} is not in the sweep (tasks: {cfg.tasks}); "
+                                 "add it with --set 'tasks=[...]'", param_hint="--task")
+    s = cfg.search
+    want = Trial(task, method, seed if seed is not None else s.seeds[0],
+                 None if method == "finetune" else temperature or s.temperature[0],
+                 exam_every or s.exam_every[0] if method == "ikd" else None,
+                 teacher_lr or s.teacher_lr[0] if method == "ikd" else None)
+    return want
+
+
+@app.command()
+def train(
+    sweep: SweepArg,
+    task: Annotated[str, typer.Option(help="task of the sweep, e.g. rte")],
+    method: Annotated[str, typer.Option(help="finetune | kd | ikd")],
+    seed: Annotated[int | None, typer.Option(help="default: the sweep's first seed")] = None,
+    temperature: Annotated[float | None, typer.Option(help="default: first in search")] = None,
+    exam_every: Annotated[int | None, typer.Option(help="default: first in search")] = None,
+    teacher_lr: Annotated[float | None, typer.Option(help="default: first in search")] = None,
+    set_: SetOpt = None,
+    home: HomeOpt = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if present)")]
+    = None,
+    resume: Annotated[bool, typer.Option(help="continue from this trial's last checkpoint")]
+    = False,
+) -> None:
+    """Run one trial of a sweep without Ray; print its final metrics as JSON."""
+    from ikd_sweep.trainer import NonFiniteLoss, run_trial
+
+    cfg = _load(sweep, set_)
+    if method not in cfg.methods and method not in ("finetune", "kd", "ikd"):
+        raise typer.BadParameter("must be finetune, kd or ikd", param_hint="--method")
+    trial = _pick_trial(cfg, task, method, seed, temperature, exam_every, teacher_lr)
+    root = _home(home)
+    run_dir = root / "single" / cfg.name / trial.trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "checkpoint"
+    resume_from = ckpt if resume and (ckpt / "state.pt").exists() else None
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "trial.json").write_text(json.dumps(
+        {**trial.to_dict(), "sweep": cfg.model_dump(mode="json")}, indent=1))
+    err.print(f"trial {trial.trial_id} → {run_dir}")
+    status, result, error = "FINISHED", {}, None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"
+                  "/{task.total}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                  console=err) as progress:
+        bar = progress.add_task(trial.trial_id, total=None, info="")
+        cb = _ProgressCallback(progress, bar, run_dir / "metrics.jsonl")
+        try:
+            result = run_trial(cfg, trial, home=root, callback=cb, checkpoint_dir=ckpt,
+                               resume_from=resume_from, device=device)
+        except NonFiniteLoss as e:
+            status, error = "FAILED", str(e)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; resume with --resume (checkpoint: {ckpt})")
+            raise typer.Exit(130) from None
+    out = {"trial_id": trial.trial_id, "status": status, **({"error": error} if error else {}),
+           **result}
+    (run_dir / "final_metrics.json").write_text(json.dumps(out, indent=1))
+    console.print_json(json.dumps(out))
+    if status != "FINISHED":
+        raise typer.Exit(1)
+
+
+def _not_built(what: str) -> None:
+    err.print(f"[red]`ikd-sweep {what}` is not built yet.[/red]")
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(sweep: SweepArg) -> None:
+    """Run a sweep with Ray Tune, logging every trial to MLflow (resumes if interrupted)."""
+    _not_built("run")
+
+
+@app.command()
+def report() -> None:
+    """Compile KD-vs-IKD tables and plots from a sweep's MLflow runs."""
+    _not_built("report")
+
+
+@app.command()
+def ui() -> None:
+    """Browse the runs in the MLflow UI."""
+    _not_built("ui")
+
+
+_ = (Counter, os)  # placeholders until run/report/ui land
+
+if __name__ == "__main__":
+    app()

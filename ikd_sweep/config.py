@@ -1,0 +1,346 @@
+"""Sweep files: the pydantic schema, YAML loading with line numbers, and expansion into trials.
+
+A sweep file names tasks, methods, shared training settings and a search space. `load_sweep`
+validates it and raises `ConfigError` whose lines name the file, the line, the field path and
+what would be valid. `expand_trials` turns a sweep into its list of trials: `finetune` ignores
+temperature/exam_every/teacher_lr, `kd` ignores exam_every/teacher_lr, `ikd` uses all three.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ikd_sweep.tasks import TASKS
+
+METHODS = ("finetune", "kd", "ikd")
+ESTIMATORS = ("exact", "finite_difference", "first_order")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: Literal["hub", "glue_dir", "package"] = "hub"
+    glue_dir: Path | None = None
+    max_length: PositiveInt = 128
+    quiz_fraction: float = Field(0.1, gt=0, le=0.5)
+    max_train_samples: PositiveInt | None = None
+    max_eval_samples: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _glue_dir_needed(self) -> DataConfig:
+        if self.source == "glue_dir" and self.glue_dir is None:
+            raise ValueError("data.source 'glue_dir' needs data.glue_dir (a folder with CoLA/, RTE/, …)")
+        return self
+
+
+class ModelConfig(_Strict):
+    """A model: hub id, local path or `minilm` (the packaged all-MiniLM-L6-v2).
+
+    `num_layers` keeps the first N layers of the pretrained model; `init: random` builds the
+    architecture from its config with fresh weights; `config` overrides config fields (e.g. a
+    tiny `{hidden_size: 64, num_hidden_layers: 2}` for tests).
+    """
+
+    model: str
+    num_layers: PositiveInt | None = None
+    init: Literal["pretrained", "random"] = "pretrained"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherConfig(ModelConfig):
+    epochs: PositiveFloat = 3
+    lr: PositiveFloat = 2e-5
+    batch_size: PositiveInt = 32
+
+
+class TrainConfig(_Strict):
+    epochs: PositiveFloat = 3
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 128
+    lr: PositiveFloat = 5e-5
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    hidden_weight: float = Field(0.0, ge=0)
+    eval_every: PositiveInt | None = None
+    log_every: PositiveInt = 10
+    max_steps: PositiveInt | None = None
+    seed_base: int = 0
+
+
+class IkdConfig(_Strict):
+    estimator: Literal["exact", "finite_difference", "first_order"] = "finite_difference"
+    lookahead_lr: PositiveFloat = 5e-5
+    teacher_ce_weight: float = Field(0.0, ge=0)
+    fd_epsilon: PositiveFloat = 0.01
+
+
+class SearchConfig(_Strict):
+    temperature: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    exam_every: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
+    teacher_lr: list[PositiveFloat] = Field(default_factory=lambda: [1e-6, 5e-6, 1e-5])
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    # grid: every combination. random: num_samples points per (task, method) drawn from the
+    # ranges the lists span (log-uniform for teacher_lr), each run with every seed.
+    algorithm: Literal["grid", "random"] = "grid"
+    num_samples: PositiveInt = 1
+    scheduler: Literal["none", "asha"] = "none"
+
+    @field_validator("temperature", "exam_every", "teacher_lr", "seeds")
+    @classmethod
+    def _non_empty_unique(cls, v: list) -> list:
+        if not v:
+            raise ValueError("must list at least one value")
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct, got {v}")
+        return v
+
+
+class Resources(_Strict):
+    cpu: PositiveFloat = 1
+    gpu: float = Field(0, ge=0)
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class SweepConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tasks: list[str] = Field(min_length=1)
+    methods: list[Literal["finetune", "kd", "ikd"]] = Field(min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig
+    student: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ikd: IkdConfig = Field(default_factory=IkdConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent_trials: PositiveInt | None = None
+    max_failures: int = Field(1, ge=0)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known tasks: {', '.join(TASKS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks must be distinct, got {v}")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods must be distinct, got {v}")
+        return v
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of a sweep: a task, a method, a seed and the method's hyperparameters."""
+
+    task: str
+    method: str
+    seed: int
+    temperature: float | None = None
+    exam_every: int | None = None
+    teacher_lr: float | None = None
+
+    @property
+    def trial_id(self) -> str:
+        parts = [self.task, self.method, f"s{self.seed}"]
+        if self.temperature is not None:
+            parts.append(f"T{self.temperature:g}")
+        if self.exam_every is not None:
+            parts.append(f"E{self.exam_every}")
+        if self.teacher_lr is not None:
+            parts.append(f"tlr{self.teacher_lr:g}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Trial:
+        return cls(**{k: d.get(k) for k in ("task", "method", "seed", "temperature",
+                                             "exam_every", "teacher_lr")})
+
+
+def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[tuple]:
+    """(temperature, exam_every, teacher_lr) points for a method; None where unused."""
+    s = cfg.search
+    if method == "finetune":
+        return [(None, None, None)]
+    if s.algorithm == "grid":
+        if method == "kd":
+            return [(t, None, None) for t in s.temperature]
+        return list(itertools.product(s.temperature, s.exam_every, s.teacher_lr))
+    points: list[tuple] = []
+    for _ in range(s.num_samples):
+        t = round(rng.uniform(min(s.temperature), max(s.temperature)), 3)
+        if method == "kd":
+            points.append((t, None, None))
+            continue
+        e = rng.randint(min(s.exam_every), max(s.exam_every))
+        lo, hi = math.log(min(s.teacher_lr)), math.log(max(s.teacher_lr))
+        points.append((t, e, float(f"{math.exp(rng.uniform(lo, hi)):.3g}")))
+    return list(dict.fromkeys(points))  # a repeated draw is one trial, not two
+
+
+def expand_trials(cfg: SweepConfig) -> list[Trial]:
+    """All trials of a sweep, without duplicates, in a stable order (task, method, point, seed)."""
+    trials: list[Trial] = []
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            # The random draw is seeded by the sweep, so a resumed sweep expands identically.
+            rng = random.Random(f"{cfg.name}/{task}/{method}/{cfg.train.seed_base}")
+            for t, e, lr in _hyper_points(cfg, method, rng):
+                for seed in cfg.search.seeds:
+                    trials.append(Trial(task, method, seed, t, e, lr))
+    assert len({tr.trial_id for tr in trials}) == len(trials)
+    return trials
+
+
+def trial_seed(cfg: SweepConfig, trial: Trial) -> int:
+    return cfg.train.seed_base + trial.seed
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class ConfigError(Exception):
+    """A sweep file that does not validate; `errors` holds one readable line per problem."""
+
+    def __init__(self, path: str | Path, errors: list[str]):
+        self.path = str(path)
+        self.errors = errors
+        super().__init__(f"{path}: invalid sweep file\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each field path in a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = (*prefix, k.value)
+            lines[path] = k.start_mark.line + 1
+            lines.update(_key_lines(v, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            path = (*prefix, i)
+            lines[path] = v.start_mark.line + 1
+            lines.update(_key_lines(v, path))
+    return lines
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    d = raw
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"--set {key}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings (value parsed as YAML) into a dict of dotted keys."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _format_error(err: dict, lines: dict[tuple, int], path: str) -> str:
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    line = None
+    for n in range(len(loc), -1, -1):  # nearest enclosing key that exists in the file
+        if loc[:n] in lines:
+            line = lines[loc[:n]]
+            break
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+        parent = loc[:-1]
+        model = _model_at(parent)
+        if model is not None:
+            msg += f"; valid keys here: {', '.join(model.model_fields)}"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    where = f"{path}:{line}" if line else path
+    return f"{where}: {field}: {msg}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = SweepConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep YAML; raise ConfigError naming file, line and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read the file: {e.strerror}"]) from None
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(path, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, [f"{path}: the top level must be a mapping of keys (name, tasks, …)"])
+    lines = _key_lines(node) if node is not None else {}
+    for k, v in (overrides or {}).items():
+        _set_dotted(raw, k, v)
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(path, [_format_error(err, lines, str(path)) for err in e.errors()]) from None
+    if cfg.data.glue_dir is not None and not cfg.data.glue_dir.is_absolute():
+        # Relative glue_dir is relative to the sweep file, so a sweep runs from any folder.
+        cfg.data.glue_dir = (path.parent / cfg.data.glue_dir).resolve()
+    return cfg
+
+
+def default_home() -> Path:
+    """The working folder: $IKD_SWEEP_HOME or ./ikd-runs."""
+    return Path(os.environ.get("IKD_SWEEP_HOME", "ikd-runs")).resolve()

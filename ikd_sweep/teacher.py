@@ -1,0 +1,124 @@
+"""Fine-tune-once cache of teachers, and of a fixed teacher's logits on the training set.
+
+A teacher is fine-tuned once per (task, teacher model and settings, seed, data settings) and
+saved under `<home>/cache/teachers/<key>/`; every trial of that task and seed reuses it. A file
+lock makes a second process wait for the first instead of training the same teacher twice.
+For `kd` the teacher is fixed, so its logits on the course data are computed once per cached
+teacher (`train_logits.pt`) and shared by every kd trial (they do not depend on temperature).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from ikd_sweep.config import SweepConfig
+from ikd_sweep.data import TaskData, iterate, prepare_data
+from ikd_sweep.models import build_model, load_tokenizer
+from ikd_sweep.trainer import Callback, FitSettings, evaluate, fit, pick_device, seed_everything
+
+DONE = "DONE"
+
+
+def teacher_key(cfg: SweepConfig, task: str, seed: int) -> str:
+    """Content key: everything that changes what the fine-tuned teacher is."""
+    d = cfg.data
+    parts = {"task": task, "seed": cfg.train.seed_base + seed,
+             "teacher": cfg.teacher.model_dump(mode="json"),
+             "data": {"source": d.source, "glue_dir": str(d.glue_dir), "max_length": d.max_length,
+                      "quiz_fraction": d.quiz_fraction, "max_train_samples": d.max_train_samples},
+             "train": {"weight_decay": cfg.train.weight_decay,
+                       "warmup_ratio": cfg.train.warmup_ratio,
+                       "max_grad_norm": cfg.train.max_grad_norm}, "v": 1}
+    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{task}-s{seed}-{digest}"
+
+
+def teacher_dir(cfg: SweepConfig, task: str, seed: int, home: Path) -> Path:
+    return home / "cache" / "teachers" / teacher_key(cfg, task, seed)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks until the process holding it is done
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
+                   device: str | None = None, callback: Callback | None = None) -> Path:
+    """The folder of the fine-tuned teacher for (task, seed), training it if not cached."""
+    out = teacher_dir(cfg, task, seed, home)
+    if (out / DONE).exists():
+        return out
+    with _locked(out.with_name(out.name + ".lock")):
+        if (out / DONE).exists():  # trained by another process while we waited
+            return out
+        dev = pick_device(device)
+        tokenizer = load_tokenizer(cfg.teacher.model)
+        settings = FitSettings.for_teacher(cfg, seed)
+        data = prepare_data(task, cfg.data, tokenizer, home / "cache" / "data", settings.seed)
+        seed_everything(settings.seed)
+        model = build_model(cfg.teacher, data.task.num_labels)
+        metrics = fit(settings, data.task, data, model, device=dev, callback=callback,
+                      pad_id=tokenizer.pad_token_id or 0)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        dev_metrics = evaluate(model, data.dev, data.task, dev, settings.eval_batch_size,
+                               tokenizer.pad_token_id or 0)
+        (tmp / "metrics.json").write_text(json.dumps(
+            {**metrics, **{f"dev/{k}": v for k, v in dev_metrics.items()},
+             "key": out.name}, indent=1))
+        (tmp / DONE).write_text("")
+        shutil.rmtree(out, ignore_errors=True)  # a half-written folder from a crash
+        os.replace(tmp, out)
+    return out
+
+
+def teacher_metrics(path: Path) -> dict[str, float]:
+    return json.loads((Path(path) / "metrics.json").read_text())
+
+
+def load_teacher(path: Path) -> PreTrainedModel:
+    return AutoModelForSequenceClassification.from_pretrained(path)
+
+
+@torch.no_grad()
+def train_logits(path: Path, data: TaskData, device: torch.device,
+                 batch_size: int = 128) -> torch.Tensor:
+    """The fixed teacher's logits for every course row, indexed by the row's `idx`.
+
+    Cached beside the teacher and computed in eval mode, exactly what a live teacher forward
+    pass gives during kd training (the teacher never trains in kd)."""
+    cache = Path(path) / "train_logits.pt"
+    rows = data.train.idx
+    if cache.exists():
+        saved = torch.load(cache)
+        if torch.equal(saved["rows"], torch.as_tensor(rows)):
+            return saved["logits"]
+    model = load_teacher(path).to(device).eval()
+    out = torch.zeros((int(rows.max()) + 1, data.task.num_labels))
+    with _locked(cache.with_suffix(".lock")):
+        for batch in iterate(data.train, batch_size, regression=data.task.is_regression):
+            ids = {k: v.to(device) for k, v in batch.items()
+                   if k in ("input_ids", "attention_mask", "token_type_ids")}
+            out[batch["idx"]] = model(**ids).logits.float().cpu()
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"rows": torch.as_tensor(rows), "logits": out}, tmp)
+        os.replace(tmp, cache)
+    return out
