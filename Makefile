@@ -19,6 +19,8 @@ setup: $(STAMP)
 
 lint: setup
 	$(BIN)/ruff check .
+	# Dockerfile (hadolint), compose file and KubeRay manifest: static checks, no engine needed
+	PYTHON=$(BIN)/python bash docker/check.sh
 
 test: setup lint
 	$(BIN)/pytest -q

@@ -6,9 +6,8 @@ Exit codes: 0 success, 2 bad input, 3 a sweep that finished with failed trials, 
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -175,30 +174,132 @@ def train(
         raise typer.Exit(1)
 
 
-def _not_built(what: str) -> None:
-    err.print(f"[red]`ikd-sweep {what}` is not built yet.[/red]")
-    raise typer.Exit(1)
+TrackingOpt = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+    "sqlite:///<home>/mlflow.db)")]
+
+
+def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
+    from ikd_sweep.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(uri or cfg_uri, root)
+
+
+def _print_trials(cfg: SweepConfig) -> None:
+    trials = expand_trials(cfg)
+    table = Table(title=f"{cfg.name}: {len(trials)} trials (dry run: nothing was started)")
+    for col in ("trial_id", "task", "method", "seed", "temperature", "exam_every", "teacher_lr"):
+        table.add_column(col)
+    for t in trials:
+        table.add_row(t.trial_id, t.task, t.method, str(t.seed), _fmt(t.temperature),
+                      _fmt(t.exam_every), _fmt(t.teacher_lr))
+    console.print(table)
 
 
 @app.command()
-def run(sweep: SweepArg) -> None:
+def run(
+    sweep: SweepArg,
+    tracking_uri: TrackingOpt = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join, e.g. auto or "
+                                                "HOST:6379 (default: a local Ray)")] = None,
+    restart: Annotated[bool, typer.Option(help="start over: new parent run, fresh Tune state")]
+    = False,
+    dry_run: Annotated[bool, typer.Option(help="print the expanded trials and exit")] = False,
+    set_: SetOpt = None,
+    home: HomeOpt = None,
+) -> None:
     """Run a sweep with Ray Tune, logging every trial to MLflow (resumes if interrupted)."""
-    _not_built("run")
+    cfg = _load(sweep, set_)
+    if dry_run:
+        _print_trials(cfg)
+        return
+    from ikd_sweep.tracking import SweepTracker
+    from ikd_sweep.tune import run_sweep
+
+    root = _home(home)
+    root.mkdir(parents=True, exist_ok=True)
+    uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
+    tracker = SweepTracker(uri, cfg.experiment)
+    n = len(expand_trials(cfg))
+    err.print(f"sweep {cfg.name}: {n} trials; working folder {root}; tracking {uri}")
+    t0 = time.time()
+    try:
+        out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: re-run the same command to resume")
+        raise typer.Exit(130) from None
+    table = Table(title=f"{cfg.name}: best dev score per task and method "
+                        f"({time.time() - t0:.0f} s)")
+    for col in ("task", *cfg.methods):
+        table.add_column(col)
+    for task in cfg.tasks:
+        table.add_row(task, *[_fmt(round(out.best[(task, m)], 4)) if (task, m) in out.best
+                              else "-" for m in cfg.methods])
+    console.print(table)
+    console.print(f"finished {len(out.finished)}, failed {len(out.failed)}, "
+                  f"stopped early {len(out.stopped)} of {n} trials")
+    for trial_id, error in sorted(out.failed.items()):
+        first = error.strip().splitlines()[0] if error.strip() else "unknown error"
+        console.print(f"  [red]FAILED[/red] {trial_id}: {first}", highlight=False)
+    ui_hint = "ikd-sweep ui" + (f" --tracking-uri {uri}" if tracking_uri else
+                                f" --home {root}" if home else "")
+    console.print(f"browse the runs: {ui_hint}    tables: ikd-sweep report --sweep {cfg.name}")
+    if out.interrupted:
+        err.print("[yellow]interrupted[/yellow]: state saved; re-run the same command to resume")
+        raise typer.Exit(130)
+    if out.failed:
+        raise typer.Exit(3)
 
 
 @app.command()
-def report() -> None:
+def report(
+    sweep: Annotated[str | None, typer.Option(help="sweep name (default: the latest)")] = None,
+    tracking_uri: TrackingOpt = None,
+    format_: Annotated[str, typer.Option("--format", help="md | csv | latex | html | all")]
+    = "md",
+    out: Annotated[Path | None, typer.Option(help="folder for the files (default: "
+                                             "<home>/reports/<sweep>)")] = None,
+    home: HomeOpt = None,
+) -> None:
     """Compile KD-vs-IKD tables and plots from a sweep's MLflow runs."""
-    _not_built("report")
+    from analysis.report import NoFinishedRuns, make_report
+
+    formats = ("md", "csv", "latex", "html") if format_ == "all" else tuple(format_.split(","))
+    bad = [f for f in formats if f not in ("md", "csv", "latex", "html")]
+    if bad:
+        raise typer.BadParameter(f"unknown format(s) {bad}; use md, csv, latex, html or all",
+                                 param_hint="--format")
+    root = _home(home)
+    uri = _tracking_uri(tracking_uri, None, root)
+    try:
+        text, files = make_report(sweep, uri, formats, out)
+    except (NoFinishedRuns, LookupError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    for f in files:
+        err.print(f"wrote {f}")
 
 
 @app.command()
-def ui() -> None:
-    """Browse the runs in the MLflow UI."""
-    _not_built("ui")
+def ui(
+    port: Annotated[int, typer.Option(help="port")] = 5000,
+    host: Annotated[str, typer.Option(help="interface; 0.0.0.0 exposes it to the network")]
+    = "127.0.0.1",
+    tracking_uri: TrackingOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Browse the runs in the MLflow UI (bound to localhost unless told otherwise)."""
+    from ikd_sweep.tracking import ui_command
 
+    uri = _tracking_uri(tracking_uri, None, _home(home))
+    cmd = ui_command(uri, host=host, port=port)
+    err.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
+    try:
+        raise typer.Exit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
-_ = (Counter, os)  # placeholders until run/report/ui land
 
 if __name__ == "__main__":
     app()

@@ -242,10 +242,13 @@ class TaskData:
 
 
 def prepare_data(task_name: str, data: DataConfig, tokenizer, cache_dir: Path,
-                 seed: int) -> TaskData:
-    """Everything one trial needs from its task, deterministic in `seed`."""
+                 seed: int, splits: dict[str, Split] | None = None) -> TaskData:
+    """Everything one trial needs from its task, deterministic in `seed`.
+
+    `splits` (from `tokenize_splits`) skips the disk cache, e.g. when a sweep ships the
+    tokenized task to its trials once through Ray's object store."""
     task = get_task(task_name)
-    splits = tokenize_splits(task, data, tokenizer, cache_dir)
+    splits = splits or tokenize_splits(task, data, tokenizer, cache_dir)
     train = splits["train"]
     if data.max_train_samples:
         train = train.select(subsample(train.labels, data.max_train_samples, seed,

@@ -111,9 +111,13 @@ def train_logits(path: Path, data: TaskData, device: torch.device,
         saved = torch.load(cache)
         if torch.equal(saved["rows"], torch.as_tensor(rows)):
             return saved["logits"]
-    model = load_teacher(path).to(device).eval()
-    out = torch.zeros((int(rows.max()) + 1, data.task.num_labels))
     with _locked(cache.with_suffix(".lock")):
+        if cache.exists():  # computed by another trial while we waited for the lock
+            saved = torch.load(cache)
+            if torch.equal(saved["rows"], torch.as_tensor(rows)):
+                return saved["logits"]
+        model = load_teacher(path).to(device).eval()
+        out = torch.zeros((int(rows.max()) + 1, data.task.num_labels))
         for batch in iterate(data.train, batch_size, regression=data.task.is_regression):
             ids = {k: v.to(device) for k, v in batch.items()
                    if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -371,14 +371,15 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
 
 def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback | None = None,
               checkpoint_dir: Path | None = None, resume_from: Path | None = None,
-              device: str | None = None) -> dict[str, float]:
+              device: str | None = None, splits: dict[str, Split] | None = None,
+              ) -> dict[str, float]:
     """Run one trial end to end: data, cached teacher (and logits for kd), training loop."""
     from ikd_sweep import teacher as teacher_cache  # the cache trains teachers with `fit`
 
     dev = pick_device(device)
     seed = trial_seed(cfg, trial)
     tokenizer = load_tokenizer(cfg.teacher.model)
-    data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed)
+    data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed, splits)
     teacher = logits = None
     teacher_dev = None
     if trial.method in ("kd", "ikd"):

@@ -15,10 +15,18 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def make_model(num_labels, hidden=16, layers=2, seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden,
-                     max_position_embeddings=32, num_labels=num_labels, initializer_range=0.2,
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        initializer_range=0.2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     return BertForSequenceClassification(cfg).double().eval()
 
 
@@ -34,8 +42,13 @@ def make_batch(num_labels, seed, b=4, seq=8):
     else:
         labels = torch.randint(0, num_labels, (b,), generator=g)
     # `idx` is not a model input: the exam step must not pass it to the models.
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=token_type_ids,
-                labels=labels, idx=torch.arange(b))
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        token_type_ids=token_type_ids,
+        labels=labels,
+        idx=torch.arange(b),
+    )
 
 
 def setup(num_labels=3, hidden_weight=0.0):
@@ -54,13 +67,22 @@ def exam_loss_plain(teacher, student, course, exam, hidden_weight=0.0):
         t = teacher(**inputs, output_hidden_states=hid)
     theta = {n: p.detach().clone().requires_grad_() for n, p in student.named_parameters()}
     s = functional_call(student, theta, (), dict(inputs, output_hidden_states=hid))
-    lc = course_loss(s.logits, t.logits, course["labels"], temperature=KW["temperature"],
-                     alpha=KW["alpha"], student_hidden=s.hidden_states,
-                     teacher_hidden=t.hidden_states, attention_mask=course["attention_mask"],
-                     hidden_weight=hidden_weight)
+    lc = course_loss(
+        s.logits,
+        t.logits,
+        course["labels"],
+        temperature=KW["temperature"],
+        alpha=KW["alpha"],
+        student_hidden=s.hidden_states,
+        teacher_hidden=t.hidden_states,
+        attention_mask=course["attention_mask"],
+        hidden_weight=hidden_weight,
+    )
     grads = torch.autograd.grad(lc, list(theta.values()))
-    theta1 = {n: p.detach() - KW["lookahead_lr"] * g
-              for (n, p), g in zip(theta.items(), grads, strict=True)}
+    theta1 = {
+        n: p.detach() - KW["lookahead_lr"] * g
+        for (n, p), g in zip(theta.items(), grads, strict=True)
+    }
     with torch.no_grad():
         e = functional_call(student, theta1, (), {k: exam[k] for k in INPUTS})
     return task_loss(e.logits, exam["labels"]).item()
@@ -88,9 +110,14 @@ def cosine(a, b):
     return F.cosine_similarity(flat(a), flat(b), dim=0).item()
 
 
-CHECKED = ["classifier.weight", "bert.pooler.dense.bias", "bert.encoder.layer.0.attention.self."
-           "query.weight", "bert.encoder.layer.1.output.dense.weight",
-           "bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight"]
+CHECKED = [
+    "classifier.weight",
+    "bert.pooler.dense.bias",
+    "bert.encoder.layer.0.attention.self.query.weight",
+    "bert.encoder.layer.1.output.dense.weight",
+    "bert.embeddings.word_embeddings.weight",
+    "bert.embeddings.LayerNorm.weight",
+]
 
 
 @pytest.mark.parametrize("num_labels, hidden_weight", [(3, 0.0), (1, 0.0), (3, 0.5)])
@@ -100,13 +127,16 @@ def test_exact_and_fd_match_brute_force(num_labels, hidden_weight):
     exact = exam_hypergradient(teacher, student, course, exam, estimator="exact", **kw)
     fd = exam_hypergradient(teacher, student, course, exam, estimator="finite_difference", **kw)
     assert exact.exam_loss.item() == pytest.approx(
-        exam_loss_plain(teacher, student, course, exam, hidden_weight), rel=1e-12)
+        exam_loss_plain(teacher, student, course, exam, hidden_weight), rel=1e-12
+    )
     assert fd.exam_loss.item() == pytest.approx(exact.exam_loss.item(), rel=1e-12)
     assert set(exact.grads) == {n for n, _ in teacher.named_parameters()}
     assert cosine(exact.grads, fd.grads) > 0.999
     for name in CHECKED:
-        idx = tuple(int(i) for i in torch.unravel_index(exact.grads[name].abs().argmax(),
-                                                         exact.grads[name].shape))
+        idx = tuple(
+            int(i)
+            for i in torch.unravel_index(exact.grads[name].abs().argmax(), exact.grads[name].shape)
+        )
         want = brute_force(teacher, student, course, exam, name, idx, hidden_weight=hidden_weight)
         assert abs(want) > 1e-6, f"{name}: uninformative weight"
         assert exact.grads[name][idx].item() == pytest.approx(want, rel=1e-4), name
@@ -161,6 +191,7 @@ def test_zero_feedback_gives_zeros():
 
 # --- dropout --------------------------------------------------------------------------------
 
+
 def dropout_setup(p, eager):
     teacher, student = make_model(3, 32, 2, seed=1, dropout=p), make_model(3, 16, 2, dropout=p)
     if eager:  # eager and SDPA draw attention-dropout masks differently; compare like with like
@@ -205,17 +236,21 @@ def test_train_mode_without_dropout_equals_eval(estimator):
 
 # --- first_order ----------------------------------------------------------------------------
 
+
 def first_order_by_hand(teacher, student, course, exam, temperature, alpha, lookahead_lr):
     """h = lr * g_s . v and h * grad_t CE(t/T, argmax t), spelled out."""
     inputs = {k: course[k] for k in INPUTS}
     t_logits = teacher(**inputs).logits
     theta = {n: p.detach().clone().requires_grad_() for n, p in student.named_parameters()}
     s_logits = functional_call(student, theta, (), inputs).logits
-    lc = course_loss(s_logits, t_logits.detach(), course["labels"], temperature=temperature,
-                     alpha=alpha)
+    lc = course_loss(
+        s_logits, t_logits.detach(), course["labels"], temperature=temperature, alpha=alpha
+    )
     g = torch.autograd.grad(lc, list(theta.values()))
-    theta1 = {n: (p - lookahead_lr * gi).detach().requires_grad_()
-              for (n, p), gi in zip(theta.items(), g, strict=True)}
+    theta1 = {
+        n: (p - lookahead_lr * gi).detach().requires_grad_()
+        for (n, p), gi in zip(theta.items(), g, strict=True)
+    }
     e_logits = functional_call(student, theta1, (), {k: exam[k] for k in INPUTS}).logits
     v = torch.autograd.grad(task_loss(e_logits, exam["labels"]), list(theta1.values()))
     h = lookahead_lr * sum((a * b).sum() for a, b in zip(g, v, strict=True))
@@ -252,8 +287,7 @@ def test_first_order_sign_follows_feedback():
     results = {}
     for name, exam in (("agree", course), ("disagree", flipped)):
         h, _ = first_order_by_hand(teacher, student, course, exam, **kw)
-        grads = teacher_hypergradient(teacher, student, course, exam, estimator="first_order",
-                                      **kw)
+        grads = teacher_hypergradient(teacher, student, course, exam, estimator="first_order", **kw)
         results[name] = (h, grads, confidence_after_step(grads))
     (h_pos, g_pos, conf_pos), (h_neg, g_neg, conf_neg) = results["agree"], results["disagree"]
     assert h_pos > 0 > h_neg
@@ -277,6 +311,7 @@ def test_report_first_order_vs_exact_cosine():
 
 
 # --- errors ---------------------------------------------------------------------------------
+
 
 def test_unknown_estimator():
     teacher, student, course, exam = setup()

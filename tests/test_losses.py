@@ -41,15 +41,18 @@ def test_kd_loss_matches_hand_computation(temp):
 def test_kd_loss_known_number():
     # T=1. Row 1: p_s = softmax(1, 2, .5) = (.23122, .62853, .14024),
     #             p_t = softmax(2, 0, 1)  = (.66524, .09003, .24473).
-    row1 = sum(b * math.log(b / a) for a, b in [(0.231224, 0.665241), (0.628532, 0.090031),
-                                                (0.140244, 0.244728)])
+    row1 = sum(
+        b * math.log(b / a)
+        for a, b in [(0.231224, 0.665241), (0.628532, 0.090031), (0.140244, 0.244728)]
+    )
     # Row 2: uniform teacher, so KL = logsumexp(s) - mean(s) - log 3.
     row2 = math.log(math.exp(0) + math.exp(-1) + math.exp(3)) - 2 / 3 - math.log(3)
     assert (row1, row2) == pytest.approx((0.66431, 1.30060), abs=1e-5)
     got = kd_loss(torch.tensor(S), torch.tensor(T_), 1.0).item()
     assert got == pytest.approx((row1 + row2) / 2, rel=1e-5)  # batchmean: / 2 rows
     assert kd_loss(torch.tensor(S), torch.tensor(T_), 2.0).item() == pytest.approx(
-        kd_by_hand(S, T_, 2.0), rel=1e-5)
+        kd_by_hand(S, T_, 2.0), rel=1e-5
+    )
 
 
 def test_kd_loss_t2_scaling_and_batchmean():
@@ -92,8 +95,9 @@ def _hidden(n_layers, b=2, seq=4, d=3, seed=0):
     return [torch.randn(b, seq, d, generator=g, dtype=torch.float64) for _ in range(n_layers + 1)]
 
 
-@pytest.mark.parametrize("lt, pairs", [(4, [(1, 2), (2, 4)]), (3, [(1, 2), (2, 3)]),
-                                       (2, [(1, 1), (2, 2)])])
+@pytest.mark.parametrize(
+    "lt, pairs", [(4, [(1, 2), (2, 4)]), (3, [(1, 2), (2, 3)]), (2, [(1, 1), (2, 2)])]
+)
 def test_hidden_state_loss_layer_mapping(lt, pairs):
     student = _hidden(2)
     teacher = [torch.full_like(student[0], 1e3) for _ in range(lt + 1)]  # unmatched: huge
@@ -125,8 +129,9 @@ def test_course_loss_adds_hidden_term():
     s, t, y = torch.tensor(S), torch.tensor(T_), torch.tensor([1, 2])
     hs, ht = _hidden(2, seq=3), _hidden(2, seq=3, seed=1)
     base = course_loss(s, t, y, temperature=2.0, alpha=0.5)
-    full = course_loss(s, t, y, temperature=2.0, alpha=0.5, student_hidden=hs, teacher_hidden=ht,
-                       hidden_weight=0.2)
+    full = course_loss(
+        s, t, y, temperature=2.0, alpha=0.5, student_hidden=hs, teacher_hidden=ht, hidden_weight=0.2
+    )
     assert full.item() == pytest.approx(base.item() + 0.2 * hidden_state_loss(hs, ht, None).item())
     with pytest.raises(ValueError, match="output_hidden_states"):
         course_loss(s, t, y, temperature=2.0, alpha=0.5, hidden_weight=0.2)

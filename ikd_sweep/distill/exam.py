@@ -95,7 +95,11 @@ def _grad(loss: Tensor, inputs, create_graph: bool = False) -> list[Tensor]:
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return sum(((x * y).sum() for x, y in zip(a, b, strict=True)), torch.zeros(()))
+    """sum_i <a_i, b_i>, accumulated in float64 (one tensor pair at a time, to spare memory)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(a, b, strict=True):
+        total = total + (x.double() * y.double()).sum()
+    return total
 
 
 def exam_hypergradient(
@@ -159,26 +163,22 @@ def exam_hypergradient(
             e_logits, _ = _forward(student, exam_batch, False, theta1)
         exam_loss = task_loss(e_logits, exam_batch["labels"])
 
+        v = None if exact else _grad(exam_loss, theta1.values())  # v = grad L_exam(theta_s')
         if exact:
             grads = _grad(exam_loss, t_params)
+        elif estimator == "first_order":
+            grads = _first_order(t_out[0], g, v, temperature, lookahead_lr, t_params)
+        elif (vnorm := _dot(v, v).sqrt().item()) == 0:
+            grads = [torch.zeros_like(p) for p in t_params]
         else:
-            v = _grad(exam_loss, theta1.values())
-            if estimator == "first_order":
-                grads = _first_order(t_out[0], g, v, temperature, lookahead_lr, t_params)
-            else:
-                vnorm = _dot([x.double() for x in v], [x.double() for x in v]).sqrt().item()
-                if vnorm == 0:
-                    grads = [torch.zeros_like(p) for p in t_params]
-                else:
-                    eps = fd_epsilon / vnorm
-                    with torch.no_grad():  # student outputs are constants w.r.t. theta_t
-                        s_plus, s_minus = (student_course({n: p + sign * eps * vi for (n, p), vi
-                                                           in zip(theta.items(), v, strict=True)})
-                                           for sign in (1.0, -1.0))
-                    # One backward into the teacher; the gold-label term has no theta_t in it.
-                    diff = l_course(s_plus, t_out) - l_course(s_minus, t_out)
-                    scale = -lookahead_lr / (2 * eps)
-                    grads = [gr * scale for gr in _grad(diff, t_params)]
+            eps = fd_epsilon / vnorm
+            with torch.no_grad():  # student outputs at theta_s +/- eps v: constants w.r.t. theta_t
+                s_pm = [student_course({n: p + sign * eps * vi for (n, p), vi
+                                        in zip(theta.items(), v, strict=True)})
+                        for sign in (1.0, -1.0)]
+            # One backward into the teacher; the gold-label term has no theta_t in it.
+            diff = l_course(s_pm[0], t_out) - l_course(s_pm[1], t_out)
+            grads = [gr * (-lookahead_lr / (2 * eps)) for gr in _grad(diff, t_params)]
     return ExamResult({n: gr.detach() for (n, _), gr in zip(t_named, grads, strict=True)},
                       exam_loss.detach())
 
@@ -189,7 +189,7 @@ def _first_order(t_logits, g, v, temperature, lookahead_lr, t_params):
     h is the first-order predicted decrease of L_exam from the course step: with h > 0 a
     descent step makes the teacher more confident in its own pseudo-labels, with h < 0 less.
     """
-    h = lookahead_lr * _dot([a.double() for a in g], [b.double() for b in v])
+    h = lookahead_lr * _dot(g, v)
     loss = F.cross_entropy(t_logits / temperature, t_logits.argmax(-1))
     return [gr * h.to(gr) for gr in _grad(loss, t_params)]
 

@@ -1,0 +1,435 @@
+"""Sweep files: validation errors (file, line, field), trial expansion and --set overrides."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from ikd_sweep.config import (
+    ConfigError,
+    SweepConfig,
+    expand_trials,
+    load_sweep,
+    parse_overrides,
+)
+from ikd_sweep.tasks import TASKS
+
+# One key per line, so every field has its own line number (1-based, as in an editor).
+BASE = [
+    "name: t",  # 1
+    "tasks: [rte, sst2]",  # 2
+    "methods: [finetune, kd, ikd]",  # 3
+    "data:",  # 4
+    "  source: hub",  # 5
+    "  quiz_fraction: 0.1",  # 6
+    "teacher:",  # 7
+    "  model: minilm",  # 8
+    "  lr: 2.0e-5",  # 9
+    "student:",  # 10
+    "  model: minilm",  # 11
+    "  num_layers: 2",  # 12
+    "train:",  # 13
+    "  lr: 5.0e-5",  # 14
+    "  epochs: 1",  # 15
+    "ikd:",  # 16
+    "  lookahead_lr: 5.0e-5",  # 17
+    "search:",  # 18
+    "  temperature: [1, 2]",  # 19
+    "  exam_every: [1, 5]",  # 20
+    "  teacher_lr:",  # 21
+    "    - 1.0e-6",  # 22
+    "    - 1.0e-5",  # 23
+    "  seeds: [1, 2]",  # 24
+]
+
+
+def write_sweep(
+    tmp_path: Path,
+    replace: dict[int, str] | None = None,
+    append: list[str] | None = None,
+    name: str = "sweep.yaml",
+) -> Path:
+    lines = list(BASE)
+    for lineno, text in (replace or {}).items():
+        lines[lineno - 1] = text
+    path = tmp_path / name
+    path.write_text("\n".join(lines + (append or [])) + "\n")
+    return path
+
+
+def errors_of(path: Path, overrides: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_sweep(path, overrides)
+    assert exc.value.path == str(path)
+    assert str(path) in str(exc.value)
+    return exc.value.errors
+
+
+def test_base_file_is_valid(tmp_path):
+    cfg = load_sweep(write_sweep(tmp_path))
+    assert cfg.tasks == ["rte", "sst2"]
+    assert cfg.search.teacher_lr == [1e-6, 1e-5]
+    # 2 tasks x 2 seeds x (1 + 2 + 2*2*2)
+    assert len(expand_trials(cfg)) == 2 * 2 * (1 + 2 + 8)
+
+
+# (line to replace, its new text, dotted field path, line of the error, words the message has)
+BAD = {
+    "unknown nested key": (
+        15,
+        "  epochz: 1",
+        "train.epochz",
+        15,
+        ["unknown key", "valid keys here", "epochs", "batch_size", "lr"],
+    ),
+    "wrong type (number)": (15, "  epochs: three", "train.epochs", 15, ["valid number"]),
+    "wrong type (list)": (2, "tasks: rte", "tasks", 2, ["valid list"]),
+    "wrong type (integer)": (12, "  num_layers: [2]", "student.num_layers", 12, ["valid integer"]),
+    "unknown task": (
+        2,
+        "tasks: [rte, nope]",
+        "tasks",
+        2,
+        ["unknown task", "nope", "known tasks", *TASKS],
+    ),
+    "unknown method": (
+        3,
+        "methods: [finetune, distil]",
+        "methods.1",
+        3,
+        ["'finetune'", "'kd'", "'ikd'"],
+    ),
+    "teacher.lr negative": (9, "  lr: -1.0e-5", "teacher.lr", 9, ["greater than 0"]),
+    "teacher.lr zero": (9, "  lr: 0", "teacher.lr", 9, ["greater than 0"]),
+    "train.lr zero": (14, "  lr: 0", "train.lr", 14, ["greater than 0"]),
+    "train.lr negative": (14, "  lr: -5.0e-5", "train.lr", 14, ["greater than 0"]),
+    "lookahead_lr negative": (
+        17,
+        "  lookahead_lr: -1.0e-4",
+        "ikd.lookahead_lr",
+        17,
+        ["greater than 0"],
+    ),
+    "lookahead_lr zero": (17, "  lookahead_lr: 0", "ikd.lookahead_lr", 17, ["greater than 0"]),
+    "teacher_lr entry negative": (
+        23,
+        "    - -1.0e-5",
+        "search.teacher_lr.1",
+        23,
+        ["greater than 0"],
+    ),
+    "teacher_lr entry zero": (22, "    - 0", "search.teacher_lr.0", 22, ["greater than 0"]),
+    "quiz_fraction zero": (6, "  quiz_fraction: 0", "data.quiz_fraction", 6, ["greater than 0"]),
+    "quiz_fraction 0.6": (
+        6,
+        "  quiz_fraction: 0.6",
+        "data.quiz_fraction",
+        6,
+        ["less than or equal to 0.5"],
+    ),
+    "temperature zero": (
+        19,
+        "  temperature: [0, 2]",
+        "search.temperature.0",
+        19,
+        ["greater than 0"],
+    ),
+    "temperature negative": (
+        19,
+        "  temperature: [2, -1]",
+        "search.temperature.1",
+        19,
+        ["greater than 0"],
+    ),
+    "empty temperature": (19, "  temperature: []", "search.temperature", 19, ["at least one"]),
+    "empty exam_every": (20, "  exam_every: []", "search.exam_every", 20, ["at least one"]),
+    "empty seeds": (24, "  seeds: []", "search.seeds", 24, ["at least one"]),
+    # The model-level check has no field of its own: it points at the enclosing `data:` key.
+    "glue_dir source without glue_dir": (
+        5,
+        "  source: glue_dir",
+        "data",
+        4,
+        ["glue_dir", "data.glue_dir"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_each_error_names_file_line_and_field(tmp_path, case):
+    lineno, text, field, err_line, words = BAD[case]
+    path = write_sweep(tmp_path, replace={lineno: text})
+    errors = errors_of(path)
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert error.startswith(f"{path}:{err_line}: {field}: "), error
+    for word in words:
+        assert word in error, (word, error)
+
+
+def test_unknown_top_level_key_lists_valid_keys(tmp_path):
+    path = write_sweep(tmp_path, append=["colour: red"])  # line 25
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:25: colour: unknown key")
+    for key in ("name", "tasks", "methods", "data", "teacher", "student", "search"):
+        assert key in error
+
+
+def test_missing_required_field(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: t\ntasks: [rte]\nmethods: [kd]\nteacher: {model: minilm}\n")
+    (error,) = errors_of(path)
+    assert "student" in error and "required field is missing" in error
+
+
+def test_every_problem_is_reported(tmp_path):
+    path = write_sweep(
+        tmp_path, replace={6: "  quiz_fraction: 0.6", 14: "  lr: 0", 19: "  temperature: [0]"}
+    )
+    errors = errors_of(path)
+    assert sorted(e.split(": ")[0] for e in errors) == sorted(
+        [f"{path}:6", f"{path}:14", f"{path}:19"]
+    )
+
+
+def test_quiz_fraction_bounds(tmp_path):
+    cfg = load_sweep(write_sweep(tmp_path, replace={6: "  quiz_fraction: 0.5"}))
+    assert cfg.data.quiz_fraction == 0.5
+    for bad in ("0", "0.6", "-0.1"):
+        path = write_sweep(tmp_path, replace={6: f"  quiz_fraction: {bad}"}, name=f"{bad}.yaml")
+        (error,) = errors_of(path)
+        assert f"{path}:6: data.quiz_fraction" in error
+
+
+def test_glue_dir_given_is_resolved_relative_to_the_file(tmp_path):
+    path = write_sweep(tmp_path, replace={5: "  source: glue_dir", 6: "  glue_dir: ../glue"})
+    cfg = load_sweep(path)
+    assert cfg.data.glue_dir == (tmp_path.parent / "glue").resolve()
+
+
+def test_invalid_yaml_gives_file_and_line(tmp_path):
+    path = write_sweep(tmp_path, replace={19: "  temperature: [1, 2"})
+    (error,) = errors_of(path)
+    assert "not valid YAML" in error
+    # PyYAML notices the unclosed list on the next line.
+    assert error.startswith(f"{path}:20: ")
+
+
+def test_yaml_tab_indent_gives_file_and_line(tmp_path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("name: t\ntasks: [rte]\n\tmethods: [kd]\n")
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:3: ") and "not valid YAML" in error
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    (error,) = errors_of(path)
+    assert "mapping" in error
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.yaml"
+    (error,) = errors_of(path)
+    assert "cannot read" in error
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def sweep(
+    tasks=("rte",),
+    methods=("finetune", "kd", "ikd"),
+    temperature=(1, 2),
+    exam_every=(1, 5),
+    teacher_lr=(1e-6, 1e-5),
+    seeds=(1, 2),
+    **search,
+) -> SweepConfig:
+    return SweepConfig.model_validate(
+        {
+            "name": "t",
+            "tasks": list(tasks),
+            "methods": list(methods),
+            "teacher": {"model": "minilm"},
+            "student": {"model": "minilm", "num_layers": 2},
+            "search": {
+                "temperature": list(temperature),
+                "exam_every": list(exam_every),
+                "teacher_lr": list(teacher_lr),
+                "seeds": list(seeds),
+                **search,
+            },
+        }
+    )
+
+
+GRIDS = [
+    # tasks, temperature, exam_every, teacher_lr, seeds
+    (["rte"], [1, 2], [1, 5], [1e-6, 1e-5], [1, 2]),
+    (["rte", "sst2", "cola"], [4], [1, 5, 10], [1e-5], [1]),
+    (["mrpc", "stsb"], [1, 2, 4, 8], [1, 5, 10], [1e-6, 5e-6, 1e-5], [1, 2, 3]),
+]
+
+
+@pytest.mark.parametrize("tasks,T,E,lr,seeds", GRIDS)
+def test_grid_trial_count(tasks, T, E, lr, seeds):
+    trials = expand_trials(sweep(tasks, temperature=T, exam_every=E, teacher_lr=lr, seeds=seeds))
+    assert len(trials) == len(tasks) * len(seeds) * (1 + len(T) + len(T) * len(E) * len(lr))
+    ids = [t.trial_id for t in trials]
+    assert len(set(ids)) == len(ids)
+    assert len(
+        {(t.task, t.method, t.seed, t.temperature, t.exam_every, t.teacher_lr) for t in trials}
+    ) == len(trials)
+
+
+def test_grid_trials_carry_only_their_methods_hyperparameters():
+    trials = expand_trials(sweep())
+    by_method = {m: [t for t in trials if t.method == m] for m in ("finetune", "kd", "ikd")}
+    assert len(by_method["finetune"]) == 2  # one per seed
+    for t in by_method["finetune"]:
+        assert (t.temperature, t.exam_every, t.teacher_lr) == (None, None, None)
+        assert t.trial_id == f"rte-finetune-s{t.seed}"
+    assert {(t.temperature, t.seed) for t in by_method["kd"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for t in by_method["kd"]:
+        assert t.temperature is not None and t.exam_every is None and t.teacher_lr is None
+    assert {(t.temperature, t.exam_every, t.teacher_lr) for t in by_method["ikd"]} == {
+        (T, E, lr) for T in (1, 2) for E in (1, 5) for lr in (1e-6, 1e-5)
+    }
+    assert {t.seed for t in by_method["ikd"]} == {1, 2}
+
+
+@pytest.mark.parametrize(
+    "methods,per_task_seed",
+    [
+        (["finetune"], 1),
+        (["kd"], 2),
+        (["ikd"], 8),
+        (["finetune", "ikd"], 9),
+        (["kd", "ikd"], 10),
+    ],
+)
+def test_method_subsets(methods, per_task_seed):
+    trials = expand_trials(sweep(tasks=("rte", "cola"), methods=methods))
+    assert len(trials) == 2 * 2 * per_task_seed
+    assert {t.method for t in trials} == set(methods)
+
+
+def test_duplicate_values_are_rejected():
+    with pytest.raises(ValueError, match="distinct"):
+        sweep(temperature=(2, 2))
+    with pytest.raises(ValueError, match="distinct"):
+        sweep(methods=("kd", "kd"))
+    with pytest.raises(ValueError, match="distinct"):
+        sweep(tasks=("rte", "rte"))
+
+
+def test_random_search():
+    cfg = sweep(
+        tasks=("rte", "sst2"),
+        temperature=(1, 8),
+        exam_every=(1, 10),
+        teacher_lr=(1e-6, 1e-4),
+        seeds=(1, 2, 3),
+        algorithm="random",
+        num_samples=5,
+    )
+    trials = expand_trials(cfg)
+    for task in ("rte", "sst2"):
+        ft = [t for t in trials if t.task == task and t.method == "finetune"]
+        assert sorted(t.seed for t in ft) == [1, 2, 3]
+        for method in ("kd", "ikd"):
+            ts = [t for t in trials if t.task == task and t.method == method]
+            points = {(t.temperature, t.exam_every, t.teacher_lr) for t in ts}
+            assert len(points) == 5
+            for p in points:  # every point runs with every seed
+                assert sorted(
+                    t.seed for t in ts if (t.temperature, t.exam_every, t.teacher_lr) == p
+                ) == [1, 2, 3]
+            for t in ts:
+                assert 1 <= t.temperature <= 8
+                if method == "kd":
+                    assert t.exam_every is None and t.teacher_lr is None
+                else:
+                    assert isinstance(t.exam_every, int) and 1 <= t.exam_every <= 10
+                    assert 1e-6 <= t.teacher_lr <= 1e-4
+    assert len(trials) == 2 * 3 * (1 + 5 + 5)
+    ids = [t.trial_id for t in trials]
+    assert len(set(ids)) == len(ids)
+    # The draw is seeded by the sweep: the same file expands the same way every time.
+    assert expand_trials(cfg) == trials
+    again = sweep(
+        tasks=("rte", "sst2"),
+        temperature=(1, 8),
+        exam_every=(1, 10),
+        teacher_lr=(1e-6, 1e-4),
+        seeds=(1, 2, 3),
+        algorithm="random",
+        num_samples=5,
+    )
+    assert expand_trials(again) == trials
+
+
+def test_random_teacher_lr_spans_orders_of_magnitude():
+    cfg = sweep(
+        methods=("ikd",), teacher_lr=(1e-7, 1e-3), seeds=(1,), algorithm="random", num_samples=40
+    )
+    logs = [math.log10(t.teacher_lr) for t in expand_trials(cfg)]
+    # log-uniform: draws fall in both the lower and the upper half of the exponent range
+    assert min(logs) < -5 < max(logs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def test_parse_overrides_parses_values_as_yaml():
+    got = parse_overrides(
+        [
+            "train.epochs=1",
+            "search.seeds=[7, 8]",
+            "data.source = glue_dir",
+            "train.lr=1.0e-3",
+            "name=a=b",
+        ]
+    )
+    assert got == {
+        "train.epochs": 1,
+        "search.seeds": [7, 8],
+        "data.source": "glue_dir",
+        "train.lr": 1e-3,
+        "name": "a=b",
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["train.epochs"])
+
+
+def test_overrides_apply_to_the_file(tmp_path):
+    path = write_sweep(tmp_path)
+    cfg = load_sweep(
+        path,
+        parse_overrides(
+            ["train.lr=1.0e-3", "search.seeds=[7]", "methods=[kd]", "tracking.experiment=x"]
+        ),
+    )
+    assert cfg.train.lr == 1e-3
+    assert cfg.train.epochs == 1  # untouched neighbours stay
+    assert cfg.search.seeds == [7]
+    assert cfg.experiment == "x"
+    assert len(expand_trials(cfg)) == 2 * 1 * 2  # 2 tasks x 1 seed x 2 temperatures
+
+
+def test_overrides_are_validated(tmp_path):
+    path = write_sweep(tmp_path)
+    (error,) = errors_of(path, parse_overrides(["train.lr=-1"]))
+    assert f"{path}:14: train.lr:" in error and "greater than 0" in error
+    (error,) = errors_of(path, parse_overrides(["data.quiz_fraction=0.9"]))
+    assert "data.quiz_fraction" in error
+    (error,) = errors_of(path, parse_overrides(["train.nonsense=1"]))
+    assert "train.nonsense: unknown key" in error
+    (error,) = errors_of(path, parse_overrides(["tasks=[rte, nope]"]))
+    assert "nope" in error
+    with pytest.raises(ValueError, match="not a section"):
+        load_sweep(path, parse_overrides(["data.source.x=1"]))

