@@ -70,11 +70,13 @@ def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     groups: dict[tuple[str, str], list[Trial]] = {}
     for t in trials:
         groups.setdefault((t.task, t.method), []).append(t)
+    def vals(ts: list[Trial], attr: str) -> str:
+        return ", ".join(_fmt(v) for v in sorted({getattr(t, attr) for t in ts},
+                                                 key=lambda x: (x is None, x)))
+
     for (task, method), ts in groups.items():
-        vals = lambda a: ", ".join(_fmt(v) for v in sorted({getattr(t, a) for t in ts},  # noqa: E731
-                                                             key=lambda x: (x is None, x)))
-        table.add_row(task, method, str(len(ts)), vals("temperature"), vals("exam_every"),
-                      vals("teacher_lr"), vals("seed"))
+        table.add_row(task, method, str(len(ts)), vals(ts, "temperature"), vals(ts, "exam_every"),
+                      vals(ts, "teacher_lr"), vals(ts, "seed"))
     console.print(table)
     console.print(f"{sweep}: valid, {len(trials)} trials")
 
@@ -186,14 +188,15 @@ def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
 
 
 def _print_trials(cfg: SweepConfig) -> None:
+    # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
     trials = expand_trials(cfg)
-    table = Table(title=f"{cfg.name}: {len(trials)} trials (dry run: nothing was started)")
-    for col in ("trial_id", "task", "method", "seed", "temperature", "exam_every", "teacher_lr"):
-        table.add_column(col)
+    width = max(len(t.trial_id) for t in trials)
+    print(f"{cfg.name}: {len(trials)} trials (dry run: nothing was started)")
+    print(f"{'trial_id':<{width}}  {'task':<8} {'method':<8} {'seed':>4} {'T':>6} {'E':>4} "
+          f"{'teacher_lr':>10}")
     for t in trials:
-        table.add_row(t.trial_id, t.task, t.method, str(t.seed), _fmt(t.temperature),
-                      _fmt(t.exam_every), _fmt(t.teacher_lr))
-    console.print(table)
+        print(f"{t.trial_id:<{width}}  {t.task:<8} {t.method:<8} {t.seed:>4} "
+              f"{_fmt(t.temperature):>6} {_fmt(t.exam_every):>4} {_fmt(t.teacher_lr):>10}")
 
 
 @app.command()

@@ -43,7 +43,8 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _glue_dir_needed(self) -> DataConfig:
         if self.source == "glue_dir" and self.glue_dir is None:
-            raise ValueError("data.source 'glue_dir' needs data.glue_dir (a folder with CoLA/, RTE/, …)")
+            raise ValueError("data.source 'glue_dir' needs data.glue_dir "
+                             "(a folder with CoLA/, RTE/, …)")
         return self
 
 
@@ -327,14 +328,16 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(path, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
     if not isinstance(raw, dict):
-        raise ConfigError(path, [f"{path}: the top level must be a mapping of keys (name, tasks, …)"])
+        raise ConfigError(path, [f"{path}: the top level must be a mapping of keys "
+                                 "(name, tasks, …)"])
     lines = _key_lines(node) if node is not None else {}
     for k, v in (overrides or {}).items():
         _set_dotted(raw, k, v)
     try:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(path, [_format_error(err, lines, str(path)) for err in e.errors()]) from None
+        errors = [_format_error(err, lines, str(path)) for err in e.errors()]
+        raise ConfigError(path, errors) from None
     if cfg.data.glue_dir is not None and not cfg.data.glue_dir.is_absolute():
         # Relative glue_dir is relative to the sweep file, so a sweep runs from any folder.
         cfg.data.glue_dir = (path.parent / cfg.data.glue_dir).resolve()

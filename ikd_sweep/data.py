@@ -30,7 +30,6 @@ from sklearn.model_selection import train_test_split
 from ikd_sweep.config import DataConfig
 from ikd_sweep.tasks import Task, get_task
 
-
 # One progress bar per split per trial would bury the sweep's own output.
 disable_progress_bars()
 
@@ -178,6 +177,10 @@ def _to_split(ds: Dataset) -> Split:
                  np.asarray(ds["label"]), np.asarray(ds["idx"], dtype=np.int64))
 
 
+def _tokenize_fn(tokenizer, fields: tuple[str, ...], max_length: int):
+    return lambda b: tokenizer(*[b[f] for f in fields], truncation=True, max_length=max_length)
+
+
 def tokenize_splits(task: Task, data: DataConfig, tokenizer, cache_dir: Path) -> dict[str, Split]:
     """Tokenized `train` and dev splits, from the on-disk cache when present."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -189,10 +192,8 @@ def tokenize_splits(task: Task, data: DataConfig, tokenizer, cache_dir: Path) ->
             if path.is_dir():
                 continue
             ds = Dataset.from_dict({**raw[s], "idx": list(range(len(raw[s]["label"])))})
-            texts = task.text_fields
-            ds = ds.map(lambda b: tokenizer(*[b[f] for f in texts], truncation=True,
-                                            max_length=data.max_length),
-                        batched=True, remove_columns=list(texts))
+            ds = ds.map(_tokenize_fn(tokenizer, task.text_fields, data.max_length),
+                        batched=True, remove_columns=list(task.text_fields))
             # Write to a temp folder and rename: a concurrent trial never sees half a cache.
             tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
             ds.save_to_disk(str(tmp))

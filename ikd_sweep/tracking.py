@@ -625,12 +625,13 @@ class SweepTracker:
         return run_id
 
     def child_runs(self, parent_run_id: str) -> list[dict[str, str]]:
-        """``[{run_id, trial_id, status}]`` for every live child of the parent run."""
+        """``[{run_id, trial_id, status, error}]`` for every live child of the parent run."""
         return [
             {
                 "run_id": r.info.run_id,
                 "trial_id": r.data.tags.get(TAG_TRIAL_ID, r.info.run_name or ""),
                 "status": r.info.status,
+                "error": r.data.tags.get(TAG_ERROR),
             }
             for r in self._children(parent_run_id)
         ]

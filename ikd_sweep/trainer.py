@@ -319,8 +319,10 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                                         f"(train/loss={vals['loss']}, exam/loss={vals['exam']})"
                                         "; lower the learning rates or check the data")
                 dt = time.perf_counter() - t0
-                last = {"train/loss": vals["loss"] / n_logged, "train/lr": sched.get_last_lr()[0],
-                        "samples_per_s": seen / dt if dt > 0 else 0.0, "epoch": step / steps_per_epoch}
+                last = {"train/loss": vals["loss"] / n_logged,
+                        "train/lr": sched.get_last_lr()[0],
+                        "samples_per_s": seen / dt if dt > 0 else 0.0,
+                        "epoch": step / steps_per_epoch}
                 if s.method != "finetune":
                     last["train/kd_loss"] = vals["kd"] / n_logged
                 if n_exams:
@@ -359,7 +361,8 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
         if s.method == "ikd":
             tdev = evaluate(teacher, data.dev, task, device, s.eval_batch_size, pad_id)
             last_eval["teacher/dev_main"] = tdev["main"]
-    final = {f"final/{k.replace('/', '_')}": v for k, v in last_eval.items() if k.startswith("dev/")}
+    final = {f"final/{k.replace('/', '_')}": v for k, v in last_eval.items()
+             if k.startswith("dev/")}
     final.update({"best/dev_main": best, "best/step": best_step, "steps": step})
     if s.method == "ikd":
         final["final/teacher_dev_main"] = last_eval["teacher/dev_main"]

@@ -155,8 +155,10 @@ def _interrupt_sentinel(signum, frame):  # pragma: no cover - replaced by Ray du
 def init_ray(address: str | None) -> str:
     """Join the cluster at `address` (e.g. auto, HOST:6379) or start a local Ray."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        # A Ray this driver starts listens on loopback only and runs no dashboard; a cluster
+        # it joins keeps its own settings.
+        extra = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     gcs = ray.get_runtime_context().gcs_address
     print(f"Ray: {'joined ' + gcs if address else 'local, at ' + gcs}; "
           f"{ray.cluster_resources().get('CPU', 0):g} CPUs, "

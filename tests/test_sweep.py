@@ -136,7 +136,7 @@ def test_killed_driver_resumes_without_rerun_or_duplicates(tmp_path):
     proc = subprocess.Popen([*CLI, "run", str(sweep)], env=env_for(home), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     finished_before: dict[str, int] = {}
     try:
         while time.time() < deadline:
@@ -179,27 +179,6 @@ def test_two_sweeps_start_at_once_into_a_fresh_store(tmp_path):
         parents, children = runs_of(home, f"concurrent-{i}")
         assert len(parents) == 1 and len(children) == 1
         assert children[0].info.status == "FINISHED"
-
-
-def test_run_joins_a_real_ray_cluster_with_address(tmp_path):
-    home = tmp_path / "home"
-    port = free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
-    env = env_for(home)
-    start = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2",
-                            "--include-dashboard=false", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
-        sweep = sweep_file(tmp_path, "cluster", tasks=["wnli"], methods=["finetune", "kd"],
-                           search={"temperature": [2], "seeds": [1]})
-        p = run_cli(["run", str(sweep), "--address", f"127.0.0.1:{port}"], home)
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert f"127.0.0.1:{port}" in p.stderr + p.stdout  # it joined, not a fresh local Ray
-        _, children = runs_of(home, "cluster")
-        assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_dry_run_lists_trials_and_starts_nothing(tmp_path):

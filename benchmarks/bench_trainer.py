@@ -1,0 +1,303 @@
+"""Trainer speed ratios, measured side by side in one run.
+
+    python benchmarks/bench_trainer.py                           # CPU, small models (1-2 min)
+    python benchmarks/bench_trainer.py --device cuda --size base # BERT-base teacher, 6L student
+
+Prints, as medians of interleaved repetitions after a warm-up:
+
+1. an ikd exam step (`exam_hypergradient`) over a course step (student forward + backward +
+   AdamW step on a live teacher's soft targets), for each estimator;
+2. a kd course step on cached teacher logits over one with a live teacher forward pass;
+3. per-batch padding of length-grouped batches (`ikd_sweep.data.batch_order` + `collate`, what
+   the trainer does) over padding every batch to max_length, timed as student forward +
+   backward on real SST-2 sentence lengths, with the fraction of padding tokens of each;
+
+and the course step's samples/s. Models are random-init BERTs (speed does not depend on the
+weights). No Ray or MLflow: the script imports the trainer's building blocks only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import ikd_sweep  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from ikd_sweep.data import Split, batch_order, collate, read_glue_tsv  # noqa: E402
+from ikd_sweep.distill.exam import ESTIMATORS, exam_hypergradient  # noqa: E402
+from ikd_sweep.distill.losses import course_loss  # noqa: E402
+from ikd_sweep.tasks import get_task  # noqa: E402
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+VOCAB = 30522  # BERT uncased, the MiniLM tokenizer's vocabulary
+
+# teacher / student: (layers, hidden, heads, intermediate); batch size, sequence length
+SIZES = {
+    "tiny": {"teacher": (4, 256, 4, 1024), "student": (2, 256, 4, 1024), "batch": 16, "seq": 64},
+    "base": {"teacher": (12, 768, 12, 3072), "student": (6, 768, 12, 3072), "batch": 32,
+             "seq": 128},
+}
+
+
+def make_model(spec: tuple[int, int, int, int], vocab: int, seed: int) -> torch.nn.Module:
+    layers, hidden, heads, inter = spec
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=inter, num_labels=2,
+                     max_position_embeddings=512)
+    return BertForSequenceClassification(cfg)
+
+
+def autocast(device: torch.device):
+    # As the trainer: bf16 autocast on CUDA, full precision on CPU.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_batch(b: int, seq: int, vocab: int, device: torch.device, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": torch.randint(1000, vocab, (b, seq), generator=g),
+             "attention_mask": torch.ones(b, seq, dtype=torch.long),
+             "token_type_ids": (torch.arange(seq) >= seq // 2).long().expand(b, seq).clone(),
+             "labels": torch.randint(0, 2, (b,), generator=g),
+             "idx": torch.arange(b)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+class CourseStep:
+    """The trainer's kd course step: soft targets (live or cached), student fwd+bwd, AdamW."""
+
+    def __init__(self, student, device, temperature=2.0, alpha=0.5):
+        self.student, self.device = student, device
+        self.t, self.alpha = temperature, alpha
+        self.opt = torch.optim.AdamW(student.parameters(), lr=1e-5,
+                                     fused=device.type == "cuda")
+
+    def __call__(self, batch, teacher=None, cached_logits=None) -> None:
+        with autocast(self.device):
+            out = self.student(**inputs(batch))
+            if cached_logits is not None:
+                t_logits = cached_logits[batch["idx"]]
+            else:
+                with torch.no_grad():
+                    t_logits = teacher(**inputs(batch)).logits.float()
+            s_logits = out.logits.float()
+            loss = course_loss(s_logits, t_logits, batch["labels"], temperature=self.t,
+                               alpha=self.alpha)
+            with torch.no_grad():  # the trainer's logged KD term
+                course_loss(s_logits, t_logits, batch["labels"], temperature=self.t, alpha=1.0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.opt.step()
+
+
+def measure(fns: dict[str, Callable[[], None]], device, reps: int, warmup: int) -> dict:
+    """Median seconds per call of each fn, repetitions interleaved (drift hits all alike)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:8.1f} ms"
+
+
+# ----------------------------------------------------------------------------- (1) and (2)
+
+
+def bench_steps(args, size: dict, device: torch.device, vocab: int) -> None:
+    b, seq = size["batch"], size["seq"]
+    teacher = make_model(size["teacher"], vocab, 0).to(device).eval()  # as in fit: no dropout
+    student = make_model(size["student"], vocab, 1).to(device).train()
+    course = random_batch(b, seq, vocab, device, 0)
+    quiz = random_batch(b, seq, vocab, device, 1)
+    with torch.no_grad(), autocast(device):
+        cached = teacher(**inputs(course)).logits.float()  # logits "of the training set"
+    step = CourseStep(student, device)
+    kw = dict(temperature=2.0, alpha=0.5, lookahead_lr=5e-5)
+
+    def exam(estimator):
+        def run():
+            with autocast(device):
+                exam_hypergradient(teacher, student, course, quiz, estimator=estimator, **kw)
+        return run
+
+    fns = {"course (live teacher)": lambda: step(course, teacher=teacher),
+           "course (cached logits)": lambda: step(course, cached_logits=cached)}
+    fns.update({f"exam {e}": exam(e) for e in ESTIMATORS})
+    t = measure(fns, device, args.reps, args.warmup)
+    live, cache = t["course (live teacher)"], t["course (cached logits)"]
+
+    mem = {}
+    if device.type == "cuda":  # peak allocated during each step on its own (models included)
+        for name, fn in fns.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            sync(device)
+            mem[name] = torch.cuda.max_memory_allocated(device) / 2**30
+
+    def row(name, extra=""):
+        m = f"  peak {mem[name]:5.2f} GiB" if mem else ""
+        return f"  {name:<28}{ms(t[name])}{m}{extra}"
+
+    print("\n(1) ikd exam step / course step (live-teacher soft targets)")
+    print(row("course (live teacher)", f"  {b / live:8.1f} samples/s"))
+    for e in ESTIMATORS:
+        print(row(f"exam {e}", f"  ratio {t[f'exam {e}'] / live:5.2f}"))
+    print("\n(2) kd course step: cached teacher logits / live teacher forward")
+    print(row("course (cached logits)", f"  {b / cache:8.1f} samples/s"))
+    print(row("course (live teacher)", f"  {b / live:8.1f} samples/s"))
+    print(f"  ratio cached / live: {cache / live:.2f}")
+
+
+# ----------------------------------------------------------------------------- (3) padding
+
+
+def sst2_split(glue_dir: Path, tokenizer, n: int, max_length: int, seed: int) -> Split:
+    """n random SST-2 training sentences, tokenized as the trainer does (truncated)."""
+    task = get_task("sst2")
+    cols = read_glue_tsv(task, glue_dir / task.glue_folder / "train.tsv")
+    rows = np.random.default_rng(seed).permutation(len(cols["label"]))[:n]
+    enc = tokenizer([cols["sentence"][i] for i in rows], truncation=True,
+                    max_length=max_length)
+    tt = enc.get("token_type_ids")
+    return Split(list(enc["input_ids"]), None if tt is None else list(tt),
+                 np.asarray([cols["label"][i] for i in rows]), np.arange(len(rows)))
+
+
+def pad_fraction(split: Split, batches: list[list[int]], pad_to: int | None) -> float:
+    real = total = 0
+    for rows in batches:
+        lens = [len(split.input_ids[i]) for i in rows]
+        real += sum(lens)
+        total += len(rows) * (pad_to or max(lens))
+    return 1 - real / total
+
+
+def bench_padding(args, size: dict, device: torch.device) -> None:
+    from ikd_sweep.models import load_tokenizer  # needs the packaged MiniLM tokenizer
+
+    b, seq = size["batch"], size["seq"]
+    glue = Path(args.glue_dir)
+    if not (glue / "SST-2" / "train.tsv").is_file():
+        print(f"\n(3) padding: skipped, no SST-2 at {glue} (see --glue-dir)")
+        return
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except Exception as e:  # report it and go on with the other results
+        print(f"\n(3) padding: skipped, tokenizer {args.tokenizer!r} unavailable: {e}")
+        return
+    split = sst2_split(glue, tokenizer, args.sentences, seq, 0)
+    pad_id = tokenizer.pad_token_id or 0
+    student = make_model(size["student"], max(VOCAB, len(tokenizer)), 1).to(device).train()
+    grouped = batch_order(split, b, 0)                        # what the trainer does
+    shuffled = batch_order(split, b, 0, group_by_length=False)  # per-batch padding, no grouping
+    variants = {"length-grouped, per-batch pad": (grouped, None),
+                "random order, per-batch pad": (shuffled, None),
+                f"padded to max_length {seq}": (grouped, seq)}
+    # The same N batches of rows for grouped and max_length; pre-collated, moved to the device.
+    n = min(args.pad_batches, len(grouped))
+    data = {k: [{kk: vv.to(device) for kk, vv in collate(split, rows, pad_id, pad_to).items()}
+                for rows in order[:n]] for k, (order, pad_to) in variants.items()}
+
+    def fwd_bwd(batches):
+        def run():
+            for batch in batches:
+                with autocast(device):
+                    loss = F.cross_entropy(student(**inputs(batch)).logits.float(),
+                                           batch["labels"])
+                loss.backward()
+            student.zero_grad(set_to_none=True)
+        return run
+
+    t = measure({k: fwd_bwd(v) for k, v in data.items()}, device, max(3, args.reps // 3),
+                1)
+    lens = np.array([len(s) for s in split.input_ids])
+    print(f"\n(3) padding: student fwd+bwd over {n} batches of {b} real SST-2 sentences "
+          f"({len(split)} sampled, {lens.mean():.1f} tokens on average, longest {lens.max()})")
+    base = t[f"padded to max_length {seq}"]
+    for k, (order, pad_to) in variants.items():
+        frac = pad_fraction(split, order, pad_to)
+        tokens = sum(bt["input_ids"].numel() for bt in data[k])
+        print(f"  {k:<32}{ms(t[k])}  pad tokens {frac:6.1%}  ({tokens} tokens timed)"
+              f"  ratio {t[k] / base:5.2f}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                   help="tiny: small CPU-friendly models (default); base: BERT-base teacher "
+                        "(12 x 768), 6-layer student, batch 32, seq 128")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions (default: 15 tiny, 30 base)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls of each step")
+    p.add_argument("--pad-batches", type=int, default=None,
+                   help="batches per padding variant (default: 20 tiny, 50 base)")
+    p.add_argument("--sentences", type=int, default=4000, help="SST-2 sentences to sample")
+    p.add_argument("--glue-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    p.add_argument("--tokenizer", default="minilm",
+                   help="minilm (packaged all-MiniLM-L6-v2), a hub id or a local path")
+    p.add_argument("--skip", nargs="*", default=[], choices=["steps", "padding"])
+    args = p.parse_args(argv)
+    args.reps = args.reps or (30 if args.size == "base" else 15)
+    args.pad_batches = args.pad_batches or (50 if args.size == "base" else 20)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    size = SIZES[args.size]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"device {device} ({name or 'cpu'}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    desc = lambda s: f"{s[0]}L x {s[1]} ({s[2]} heads, ffn {s[3]})"  # noqa: E731
+    print(f"size {args.size}: teacher {desc(size['teacher'])}, student {desc(size['student'])}, "
+          f"batch {size['batch']}, seq {size['seq']}; median of {args.reps} interleaved reps "
+          f"after {args.warmup} warm-up")
+    t0 = time.perf_counter()
+    if "steps" not in args.skip:
+        bench_steps(args, size, device, VOCAB)
+    if "padding" not in args.skip:
+        bench_padding(args, size, device)
+    heavy = sorted(m for m in ("ray", "mlflow") if m in sys.modules)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; Ray/MLflow imported: {heavy or 'no'}")
+    assert not heavy, "the trainer's building blocks must not import Ray or MLflow"
+
+
+if __name__ == "__main__":
+    main()
