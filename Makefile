@@ -27,7 +27,7 @@ test: setup lint
 
 demo: setup
 	$(BIN)/ikd-sweep run sweeps/demo.yaml
-	$(BIN)/ikd-sweep report --sweep demo --out ikd-runs/report --format all
+	$(BIN)/ikd-sweep report --sweep demo --format all
 
 ui: setup
 	$(BIN)/ikd-sweep ui

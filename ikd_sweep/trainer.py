@@ -164,6 +164,7 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     tmp.mkdir(parents=True)
     torch.save(state, tmp / "state.pt")
     old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash after the swap below
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

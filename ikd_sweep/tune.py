@@ -242,7 +242,7 @@ def _run_task(sweep: SweepConfig, task: str, trials: list[Trial], home: Path, st
             tune_config=tune.TuneConfig(
                 metric="dev/main" if scheduler else None, mode="max" if scheduler else None,
                 scheduler=scheduler, max_concurrent_trials=sweep.max_concurrent_trials,
-                reuse_actors=False, trial_name_creator=_trial_name,
+                reuse_actors=True, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
                 name=task, storage_path=str(storage), verbose=verbose,

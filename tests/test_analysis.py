@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
+from helpers import migrated_store
 from scipy import stats
 
 from analysis import render
@@ -49,23 +47,6 @@ SELECTED = {
     ("rte", "ikd"): 4.0,
 }
 STEPS = (100, 200, 300)
-
-
-def migrated_store(factory: pytest.TempPathFactory, home: Path) -> str:
-    """A SQLite tracking URI in ``home`` whose schema is already migrated.
-
-    Migrating a fresh MLflow database takes seconds; the template is built once per test
-    session (shared by the test modules through pytest's base temp folder) and copied.
-    """
-    template = factory.getbasetemp() / "ikd-mlflow-template" / "mlflow.db"
-    if not template.exists():
-        build = template.parent / f"build-{os.getpid()}"
-        build.mkdir(parents=True, exist_ok=True)
-        MlflowClient(f"sqlite:///{build / 'mlflow.db'}").search_experiments()
-        os.replace(build / "mlflow.db", template)
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, home / "mlflow.db")
-    return f"sqlite:///{home.resolve()}/mlflow.db"
 
 
 def trial_dict(task: str, method: str, temperature: float | None, seed: int) -> dict:

@@ -415,3 +415,18 @@ def test_first_order_on_a_regression_task_is_a_clear_error(home):
     cfg = sweep(tasks=["stsb"], ikd={"estimator": "first_order"})
     with pytest.raises(ValueError, match="first_order.*regression"):
         run_trial(cfg, trial("ikd", task="stsb"), home=home, device=CPU)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_save_survives_a_crash_leftover(tmp_path):
+    """A crash between the swap and the clean-up leaves `<ckpt>.old`: later saves still work."""
+    ckpt = tmp_path / "checkpoint"
+    trainer._save_checkpoint(ckpt, {"step": 1})
+    stale = tmp_path / "checkpoint.old"
+    stale.mkdir()
+    (stale / "state.pt").write_text("stale")
+    trainer._save_checkpoint(ckpt, {"step": 2})
+    assert load_state(ckpt)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
