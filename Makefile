@@ -23,7 +23,7 @@ lint: setup
 	PYTHON=$(BIN)/python bash docker/check.sh
 
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 demo: setup
 	$(BIN)/ikd-sweep run sweeps/demo.yaml

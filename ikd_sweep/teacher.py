@@ -103,8 +103,9 @@ def train_logits(path: Path, data: TaskData, device: torch.device,
                  batch_size: int = 128) -> torch.Tensor:
     """The fixed teacher's logits for every course row, indexed by the row's `idx`.
 
-    Cached beside the teacher and computed in eval mode, exactly what a live teacher forward
-    pass gives during kd training (the teacher never trains in kd)."""
+    Cached beside the teacher and computed in eval mode under the same autocast as training,
+    so it is what a live teacher forward pass gives during kd (up to padding-width rounding;
+    the teacher never trains in kd)."""
     cache = Path(path) / "train_logits.pt"
     rows = data.train.idx
     if cache.exists():
@@ -121,7 +122,8 @@ def train_logits(path: Path, data: TaskData, device: torch.device,
         for batch in iterate(data.train, batch_size, regression=data.task.is_regression):
             ids = {k: v.to(device) for k, v in batch.items()
                    if k in ("input_ids", "attention_mask", "token_type_ids")}
-            out[batch["idx"]] = model(**ids).logits.float().cpu()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out[batch["idx"]] = model(**ids).logits.float().cpu()
         tmp = cache.with_suffix(".tmp")
         torch.save({"rows": torch.as_tensor(rows), "logits": out}, tmp)
         os.replace(tmp, cache)

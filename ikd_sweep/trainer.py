@@ -39,7 +39,7 @@ from ikd_sweep.data import Split, TaskData, batch_order, collate, iterate, prepa
 from ikd_sweep.distill.exam import exam_hypergradient
 from ikd_sweep.distill.losses import course_loss, task_loss
 from ikd_sweep.models import build_model, load_tokenizer
-from ikd_sweep.tasks import Task
+from ikd_sweep.tasks import Task, get_task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -179,8 +179,10 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
     """Train `student` by `s.method`; return final metrics (`best/dev_main`, `final/dev_*`)."""
     cb = callback or NullCallback()
     reg = task.is_regression
-    if s.method in ("kd", "ikd") and teacher is None and teacher_logits is None:
-        raise ValueError(f"method {s.method} needs a teacher")
+    if s.method == "kd" and teacher is None and teacher_logits is None:
+        raise ValueError("method kd needs a teacher or its cached logits")
+    if s.method == "ikd" and teacher is None:
+        raise ValueError("method ikd needs the teacher model (it trains it)")
     if s.method == "ikd" and reg and s.estimator == "first_order":
         raise ValueError("ikd.estimator first_order needs class pseudo-labels; for regression "
                          "tasks use finite_difference or exact")
@@ -382,6 +384,10 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
 
     dev = pick_device(device)
     seed = trial_seed(cfg, trial)
+    if (trial.method == "ikd" and cfg.ikd.estimator == "first_order"
+            and get_task(trial.task).is_regression):  # fail before fine-tuning a teacher
+        raise ValueError("ikd.estimator first_order needs class pseudo-labels; for regression "
+                         f"tasks such as {trial.task} use finite_difference or exact")
     tokenizer = load_tokenizer(cfg.teacher.model)
     data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed, splits)
     teacher = logits = None
