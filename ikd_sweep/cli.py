@@ -114,11 +114,10 @@ def _pick_trial(cfg: SweepConfig, task: str, method: str, seed: int | None,
         raise typer.BadParameter(f"task {task!r} is not in the sweep (tasks: {cfg.tasks}); "
                                  "add it with --set 'tasks=[...]'", param_hint="--task")
     s = cfg.search
-    want = Trial(task, method, seed if seed is not None else s.seeds[0],
+    return Trial(task, method, seed if seed is not None else s.seeds[0],
                  None if method == "finetune" else temperature or s.temperature[0],
                  exam_every or s.exam_every[0] if method == "ikd" else None,
                  teacher_lr or s.teacher_lr[0] if method == "ikd" else None)
-    return want
 
 
 @app.command()
@@ -141,7 +140,7 @@ def train(
     from ikd_sweep.trainer import NonFiniteLoss, run_trial
 
     cfg = _load(sweep, set_)
-    if method not in cfg.methods and method not in ("finetune", "kd", "ikd"):
+    if method not in ("finetune", "kd", "ikd"):
         raise typer.BadParameter("must be finetune, kd or ikd", param_hint="--method")
     trial = _pick_trial(cfg, task, method, seed, temperature, exam_every, teacher_lr)
     root = _home(home)

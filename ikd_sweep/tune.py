@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from ikd_sweep import __version__
 from ikd_sweep.config import SweepConfig, Trial, expand_trials, trial_seed
 from ikd_sweep.tracking import SweepTracker
 
@@ -82,7 +82,7 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, tracker: SweepTrac
     ckpt = tune.get_checkpoint()
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
     try:
-        with (ckpt.as_directory() if ckpt else _null()) as resume_dir:
+        with (ckpt.as_directory() if ckpt else nullcontext()) as resume_dir:
             final = run_trial(sweep, trial, home=Path(home), callback=_TuneCallback(tracker,
                               run_id), checkpoint_dir=work / "checkpoint",
                               resume_from=Path(resume_dir) if resume_dir else None,
@@ -103,14 +103,6 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, tracker: SweepTrac
 
 def _trial_name(trial) -> str:
     return trial.config["trial_id"]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _prepare_teacher(sweep: SweepConfig, task: str, seed: int, home: str) -> str:
@@ -278,7 +270,3 @@ def _run_task(sweep: SweepConfig, task: str, trials: list[Trial], home: Path, st
             interrupted = True
     out.interrupted = out.interrupted or interrupted
 
-
-def versions() -> dict[str, str]:
-    return {"ikd_sweep": __version__, "ray": ray.__version__,
-            "python": os.sys.version.split()[0]}
