@@ -345,5 +345,6 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
 
 
 def default_home() -> Path:
-    """The working folder: $IKD_SWEEP_HOME or ./ikd-runs."""
-    return Path(os.environ.get("IKD_SWEEP_HOME", "ikd-runs")).resolve()
+    """The working folder: ``$IKD_SWEEP_HOME`` or ``./ikd-runs`` (not created here)."""
+    env = os.environ.get("IKD_SWEEP_HOME")
+    return Path(env).expanduser() if env else Path("ikd-runs")

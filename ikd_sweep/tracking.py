@@ -39,12 +39,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from ikd_sweep.config import default_home  # one definition of the working folder
+
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-HOME_ENV = "IKD_SWEEP_HOME"
-DEFAULT_HOME = "ikd-runs"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 LOST_METRICS_DIR = "lost-metrics"
@@ -83,12 +83,6 @@ _PERMANENT_CODES = frozenset(
 # --------------------------------------------------------------------------------------------
 # Locations
 # --------------------------------------------------------------------------------------------
-
-
-def default_home() -> Path:
-    """The working folder: ``$IKD_SWEEP_HOME`` or ``./ikd-runs`` (not created here)."""
-    env = os.environ.get(HOME_ENV)
-    return Path(env).expanduser() if env else Path(DEFAULT_HOME)
 
 
 def resolve_tracking_uri(uri: str | None, home: Path) -> str:
