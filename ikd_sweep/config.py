@@ -37,6 +37,12 @@ class DataConfig(_Strict):
     glue_dir: Path | None = None
     max_length: PositiveInt = 128
     quiz_fraction: float = Field(0.1, gt=0, le=0.5)
+    # Selection data (checkpoints, settings) carved out of train; GLUE dev is only reported.
+    val_fraction: float = Field(0.1, gt=0, le=0.5)
+    # True: finetune/kd train on train - val (quiz rows included), ikd on train - val - quiz,
+    # so every method sees the same labelled rows. False: every method trains on
+    # train - val - quiz (the pre-protocol behaviour).
+    quiz_parity: bool = True
     max_train_samples: PositiveInt | None = None
     max_eval_samples: PositiveInt | None = None
 
@@ -45,6 +51,10 @@ class DataConfig(_Strict):
         if self.source == "glue_dir" and self.glue_dir is None:
             raise ValueError("data.source 'glue_dir' needs data.glue_dir "
                              "(a folder with CoLA/, RTE/, …)")
+        if self.quiz_fraction + self.val_fraction >= 0.9:
+            raise ValueError(f"data.quiz_fraction + data.val_fraction is "
+                             f"{self.quiz_fraction + self.val_fraction:g}; it must stay below "
+                             "0.9 so that training rows remain")
         return self
 
 
@@ -82,6 +92,8 @@ class TrainConfig(_Strict):
     log_every: PositiveInt = 10
     max_steps: PositiveInt | None = None
     seed_base: int = 0
+    # torch.compile the course-step forwards on CUDA (ignored, with a message, on CPU).
+    compile: bool = False
 
 
 class IkdConfig(_Strict):
@@ -89,6 +101,13 @@ class IkdConfig(_Strict):
     lookahead_lr: PositiveFloat = 5e-5
     teacher_ce_weight: float = Field(0.0, ge=0)
     fd_epsilon: PositiveFloat = 0.01
+    # sgd: one plain SGD step of lookahead_lr (MetaDistil's pilot step); adam: one step of the
+    # student's own AdamW from its current state, second moment held constant (DESIGN.md).
+    lookahead: Literal["sgd", "adam"] = "sgd"
+    # student_first: real student step, then the exam judges it and the teacher steps;
+    # teacher_first: exam -> teacher step -> real student step on the updated teacher (MetaDistil).
+    order: Literal["student_first", "teacher_first"] = "student_first"
+    teacher_schedule: Literal["constant", "linear"] = "constant"
 
 
 class SearchConfig(_Strict):
@@ -96,6 +115,9 @@ class SearchConfig(_Strict):
     exam_every: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
     teacher_lr: list[PositiveFloat] = Field(default_factory=lambda: [1e-6, 5e-6, 1e-5])
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    # Fresh seeds on which each method's selected setting is re-run after the search; the
+    # headline table uses these runs when they exist. Must not overlap `seeds`.
+    confirm_seeds: list[int] = Field(default_factory=list)
     # grid: every combination. random: num_samples points per (task, method) drawn from the
     # ranges the lists span (log-uniform for teacher_lr), each run with every seed.
     algorithm: Literal["grid", "random"] = "grid"
@@ -110,6 +132,21 @@ class SearchConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"values must be distinct, got {v}")
         return v
+
+    @field_validator("confirm_seeds")
+    @classmethod
+    def _distinct_confirm(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _fresh_confirm_seeds(self) -> SearchConfig:
+        reused = sorted(set(self.confirm_seeds) & set(self.seeds))
+        if reused:
+            raise ValueError(f"search.confirm_seeds must be fresh seeds; {reused} also in "
+                             "search.seeds")
+        return self
 
 
 class Resources(_Strict):
@@ -172,6 +209,9 @@ class Trial:
     temperature: float | None = None
     exam_every: int | None = None
     teacher_lr: float | None = None
+    # "search" (the settings being compared) or "confirm" (the selected setting re-run on a
+    # fresh seed from search.confirm_seeds); recorded as the tag ikd.phase.
+    phase: str = "search"
 
     @property
     def trial_id(self) -> str:
@@ -190,7 +230,8 @@ class Trial:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trial:
         return cls(**{k: d.get(k) for k in ("task", "method", "seed", "temperature",
-                                             "exam_every", "teacher_lr")})
+                                             "exam_every", "teacher_lr")},
+                   phase=d.get("phase") or "search")
 
 
 def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[tuple]:
