@@ -20,14 +20,10 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-HPARAMS = ("temperature", "exam_every", "teacher_lr")
-# Which hyperparameters each method uses; the others are NaN whatever a run's params say, so a
-# default that leaked into a finetune run's params cannot split its seeds into two settings.
-METHOD_HPARAMS = {
-    "finetune": (),
-    "kd": ("temperature",),
-    "ikd": ("temperature", "exam_every", "teacher_lr"),
-}
+from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
+
+# Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
+# so a default that leaked into a finetune run's params cannot split its seeds into two settings.
 TRIAL_COLUMNS = ("trial_id", "task", "method", "seed", *HPARAMS)
 RUN_COLUMNS = (
     "run_id",
@@ -133,16 +129,6 @@ def latest_sweep_name(tracking_uri: str) -> str | None:
         if name:
             return name
     return None
-
-
-def known_sweeps(tracking_uri: str) -> list[str]:
-    """Names of all sweeps in the store, newest first."""
-    names: list[str] = []
-    for run in _parent_runs(_client(tracking_uri)):
-        name = run.data.tags.get("ikd.sweep")
-        if name and name not in names:
-            names.append(name)
-    return names
 
 
 def _float(value: Any) -> float:

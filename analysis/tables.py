@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-HPARAMS = ("temperature", "exam_every", "teacher_lr")
+from ikd_sweep.trials import HPARAMS
+
 METHOD_ORDER = ("finetune", "kd", "ikd")
 #: (a, b): the table reports a − b.
 COMPARISONS = (("ikd", "kd"), ("ikd", "finetune"), ("kd", "finetune"))

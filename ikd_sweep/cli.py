@@ -16,15 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ikd_sweep.config import (
-    ConfigError,
-    SweepConfig,
-    Trial,
-    default_home,
-    expand_trials,
-    load_sweep,
-    parse_overrides,
-)
+from ikd_sweep.config import ConfigError, SweepConfig, default_home, load_sweep, parse_overrides
+from ikd_sweep.trials import HPARAMS, PickError, Trial, expand_trials, pick_trial
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.")
@@ -65,7 +58,7 @@ def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     cfg = _load(sweep, set_)
     trials = expand_trials(cfg)
     table = Table(title=f"{cfg.name}: {len(trials)} trials")
-    for col in ("task", "method", "trials", "temperature", "exam_every", "teacher_lr", "seeds"):
+    for col in ("task", "method", "trials", *HPARAMS, "seeds"):
         table.add_column(col)
     groups: dict[tuple[str, str], list[Trial]] = {}
     for t in trials:
@@ -75,8 +68,8 @@ def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
                                                  key=lambda x: (x is None, x)))
 
     for (task, method), ts in groups.items():
-        table.add_row(task, method, str(len(ts)), vals(ts, "temperature"), vals(ts, "exam_every"),
-                      vals(ts, "teacher_lr"), vals(ts, "seed"))
+        table.add_row(task, method, str(len(ts)), *(vals(ts, h) for h in HPARAMS),
+                      vals(ts, "seed"))
     console.print(table)
     console.print(f"{sweep}: valid, {len(trials)} trials")
 
@@ -84,15 +77,12 @@ def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
 class _ProgressCallback:
     """Trainer callback for `ikd-sweep train`: a progress bar and a JSON-lines metrics log."""
 
-    def __init__(self, progress: Progress, task_id, log_path: Path, tracker=None):
+    def __init__(self, progress: Progress, task_id, log_path: Path):
         self.progress, self.task_id, self.log_path = progress, task_id, log_path
-        self.tracker = tracker
 
     def _write(self, metrics: dict, step: int) -> None:
         with self.log_path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        if self.tracker is not None:
-            self.tracker.log(metrics, step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._write(metrics, step)
@@ -105,19 +95,6 @@ class _ProgressCallback:
         if "dev/main" in metrics:
             self.progress.console.print(f"step {step}: dev/main {metrics['dev/main']:.4f}"
                                         f" (best {metrics.get('best/dev_main', 0):.4f})")
-
-
-def _pick_trial(cfg: SweepConfig, task: str, method: str, seed: int | None,
-                temperature: float | None, exam_every: int | None,
-                teacher_lr: float | None) -> Trial:
-    if task not in cfg.tasks:
-        raise typer.BadParameter(f"task {task!r} is not in the sweep (tasks: {cfg.tasks}); "
-                                 "add it with --set 'tasks=[...]'", param_hint="--task")
-    s = cfg.search
-    return Trial(task, method, seed if seed is not None else s.seeds[0],
-                 None if method == "finetune" else temperature or s.temperature[0],
-                 exam_every or s.exam_every[0] if method == "ikd" else None,
-                 teacher_lr or s.teacher_lr[0] if method == "ikd" else None)
 
 
 @app.command()
@@ -137,12 +114,15 @@ def train(
     = False,
 ) -> None:
     """Run one trial of a sweep without Ray; print its final metrics as JSON."""
-    from ikd_sweep.trainer import NonFiniteLoss, run_trial
+    from ikd_sweep.trainer import NonFiniteLoss
+    from ikd_sweep.trial import run_trial
 
     cfg = _load(sweep, set_)
-    if method not in ("finetune", "kd", "ikd"):
-        raise typer.BadParameter("must be finetune, kd or ikd", param_hint="--method")
-    trial = _pick_trial(cfg, task, method, seed, temperature, exam_every, teacher_lr)
+    try:
+        trial = pick_trial(cfg, task, method, seed, temperature=temperature,
+                           exam_every=exam_every, teacher_lr=teacher_lr)
+    except PickError as e:
+        raise typer.BadParameter(str(e), param_hint=e.option) from None
     root = _home(home)
     run_dir = root / "single" / cfg.name / trial.trial_id
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,28 +1,24 @@
-"""Sweep files: the pydantic schema, YAML loading with line numbers, and expansion into trials.
+"""Sweep files: the pydantic schema and YAML loading with line numbers.
 
 A sweep file names tasks, methods, shared training settings and a search space. `load_sweep`
 validates it and raises `ConfigError` whose lines name the file, the line, the field path and
-what would be valid. `expand_trials` turns a sweep into its list of trials: `finetune` ignores
-temperature/exam_every/teacher_lr, `kd` ignores exam_every/teacher_lr, `ikd` uses all three.
+what would be valid; a combination that cannot run (`first_order` on a regression task) is
+rejected here, before anything starts. Trials and their expansion live in `ikd_sweep.trials`.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ikd_sweep.tasks import TASKS
 
 METHODS = ("finetune", "kd", "ikd")
-ESTIMATORS = ("exact", "finite_difference", "first_order")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -191,86 +187,21 @@ class SweepConfig(_Strict):
             raise ValueError(f"methods must be distinct, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _runnable_estimator(self) -> SweepConfig:
+        regression = [t for t in self.tasks if TASKS[t].is_regression]
+        if "ikd" in self.methods and self.ikd.estimator == "first_order" and regression:
+            # ctx.field: the error is reported at ikd.estimator, not at the top level.
+            raise PydanticCustomError(
+                "first_order_regression",
+                "first_order needs class pseudo-labels, but {tasks} is a regression task; "
+                "use exact or finite_difference (or drop the regression tasks)",
+                {"field": "ikd.estimator", "tasks": ", ".join(regression)})
+        return self
+
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
-
-
-# ----------------------------------------------------------------------------- trials
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One point of a sweep: a task, a method, a seed and the method's hyperparameters."""
-
-    task: str
-    method: str
-    seed: int
-    temperature: float | None = None
-    exam_every: int | None = None
-    teacher_lr: float | None = None
-    # "search" (the settings being compared) or "confirm" (the selected setting re-run on a
-    # fresh seed from search.confirm_seeds); recorded as the tag ikd.phase.
-    phase: str = "search"
-
-    @property
-    def trial_id(self) -> str:
-        parts = [self.task, self.method, f"s{self.seed}"]
-        if self.temperature is not None:
-            parts.append(f"T{self.temperature:g}")
-        if self.exam_every is not None:
-            parts.append(f"E{self.exam_every}")
-        if self.teacher_lr is not None:
-            parts.append(f"tlr{self.teacher_lr:g}")
-        return "-".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"trial_id": self.trial_id, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Trial:
-        return cls(**{k: d.get(k) for k in ("task", "method", "seed", "temperature",
-                                             "exam_every", "teacher_lr")},
-                   phase=d.get("phase") or "search")
-
-
-def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[tuple]:
-    """(temperature, exam_every, teacher_lr) points for a method; None where unused."""
-    s = cfg.search
-    if method == "finetune":
-        return [(None, None, None)]
-    if s.algorithm == "grid":
-        if method == "kd":
-            return [(t, None, None) for t in s.temperature]
-        return list(itertools.product(s.temperature, s.exam_every, s.teacher_lr))
-    points: list[tuple] = []
-    for _ in range(s.num_samples):
-        t = round(rng.uniform(min(s.temperature), max(s.temperature)), 3)
-        if method == "kd":
-            points.append((t, None, None))
-            continue
-        e = rng.randint(min(s.exam_every), max(s.exam_every))
-        lo, hi = math.log(min(s.teacher_lr)), math.log(max(s.teacher_lr))
-        points.append((t, e, float(f"{math.exp(rng.uniform(lo, hi)):.3g}")))
-    return list(dict.fromkeys(points))  # a repeated draw is one trial, not two
-
-
-def expand_trials(cfg: SweepConfig) -> list[Trial]:
-    """All trials of a sweep, without duplicates, in a stable order (task, method, point, seed)."""
-    trials: list[Trial] = []
-    for task in cfg.tasks:
-        for method in cfg.methods:
-            # The random draw is seeded by the sweep, so a resumed sweep expands identically.
-            rng = random.Random(f"{cfg.name}/{task}/{method}/{cfg.train.seed_base}")
-            for t, e, lr in _hyper_points(cfg, method, rng):
-                for seed in cfg.search.seeds:
-                    trials.append(Trial(task, method, seed, t, e, lr))
-    assert len({tr.trial_id for tr in trials}) == len(trials)
-    return trials
-
-
-def trial_seed(cfg: SweepConfig, trial: Trial) -> int:
-    return cfg.train.seed_base + trial.seed
 
 
 # ----------------------------------------------------------------------------- loading
@@ -323,7 +254,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _format_error(err: dict, lines: dict[tuple, int], path: str) -> str:
-    loc = tuple(err["loc"])
+    field_ = (err.get("ctx") or {}).get("field")  # a cross-field check names its own field
+    loc = tuple(field_.split(".")) if field_ else tuple(err["loc"])
     field = ".".join(str(p) for p in loc) or "(top level)"
     line = None
     for n in range(len(loc), -1, -1):  # nearest enclosing key that exists in the file

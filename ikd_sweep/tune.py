@@ -30,8 +30,9 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from ikd_sweep.config import SweepConfig, Trial, expand_trials, trial_seed
+from ikd_sweep.config import SweepConfig
 from ikd_sweep.tracking import SweepTracker
+from ikd_sweep.trials import Trial, expand_trials, trial_seed
 
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
 
@@ -70,7 +71,7 @@ class _TuneCallback:
 def trainable(config: dict, *, sweep: SweepConfig, home: str, tracker: SweepTracker,
               parent_run_id: str, trials: dict[str, dict], splits: dict | None = None) -> None:
     """One Ray Tune trial: run the trainer, record it in MLflow, report to Tune."""
-    from ikd_sweep.trainer import run_trial
+    from ikd_sweep.trial import run_trial
 
     trial = Trial.from_dict(trials[config["trial_id"]])
     done = tracker.finished_metrics(parent_run_id, trial.trial_id)
@@ -116,7 +117,7 @@ def _prepare_teacher(sweep: SweepConfig, task: str, seed: int, home: str) -> str
     if "kd" in sweep.methods:
         tok = load_tokenizer(sweep.teacher.model)
         data = prepare_data(task, sweep.data, tok, Path(home) / "cache" / "data",
-                            sweep.train.seed_base + seed)
+                            trial_seed(sweep, seed))
         tc.train_logits(tdir, data, pick_device())
     return str(tdir)
 

@@ -1,4 +1,5 @@
-"""Sweep files: validation errors (file, line, field), trial expansion and --set overrides."""
+"""Sweep files: validation errors (file, line, field), trials (expansion, confirmation runs,
+picking one by hand, seeds) and --set overrides."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from ikd_sweep.config import (
-    ConfigError,
-    SweepConfig,
-    expand_trials,
-    load_sweep,
-    parse_overrides,
-)
+from ikd_sweep.config import ConfigError, SweepConfig, load_sweep, parse_overrides
 from ikd_sweep.tasks import TASKS
+from ikd_sweep.trials import (
+    METHOD_HPARAMS,
+    PickError,
+    Trial,
+    confirm_trials,
+    expand_trials,
+    pick_trial,
+    trial_seed,
+)
 
 # One key per line, so every field has its own line number (1-based, as in an editor).
 BASE = [
@@ -237,6 +241,25 @@ def test_missing_file(tmp_path):
     assert "cannot read" in error
 
 
+def test_first_order_with_a_regression_task_is_rejected_at_load(tmp_path):
+    path = write_sweep(tmp_path, {2: "tasks: [rte, stsb]", 17: "  estimator: first_order"})
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:17: ikd.estimator: first_order needs class pseudo-labels")
+    assert "stsb is a regression task" in error and "exact or finite_difference" in error
+    # Also when the estimator comes from --set (no line of its own: the ikd section's line).
+    path = write_sweep(tmp_path, {2: "tasks: [rte, stsb]"}, name="b.yaml")
+    (error,) = errors_of(path, {"ikd.estimator": "first_order"})
+    assert error.startswith(f"{path}:16: ikd.estimator: first_order")
+
+
+def test_first_order_is_fine_without_regression_tasks_or_without_ikd(tmp_path):
+    assert load_sweep(write_sweep(tmp_path, {17: "  estimator: first_order"})).ikd.estimator \
+        == "first_order"
+    cfg = load_sweep(write_sweep(tmp_path, {2: "tasks: [stsb]", 3: "methods: [finetune, kd]",
+                                            17: "  estimator: first_order"}, name="kd.yaml"))
+    assert {t.method for t in expand_trials(cfg)} == {"finetune", "kd"}
+
+
 # ----------------------------------------------------------------------------- trials
 
 
@@ -433,3 +456,60 @@ def test_overrides_are_validated(tmp_path):
     assert "nope" in error
     with pytest.raises(ValueError, match="not a section"):
         load_sweep(path, parse_overrides(["data.source.x=1"]))
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+def test_confirm_trials_rerun_a_selected_setting_on_the_fresh_seeds():
+    cfg = sweep(confirm_seeds=[11, 12])
+    # A row of the report's selection: NaN where the method does not use a hyperparameter.
+    kd = confirm_trials(cfg, "rte", "kd", {"temperature": 2.0, "exam_every": math.nan,
+                                           "teacher_lr": math.nan})
+    assert kd == [Trial("rte", "kd", 11, 2.0, phase="confirm"),
+                  Trial("rte", "kd", 12, 2.0, phase="confirm")]
+    (ikd, _) = confirm_trials(cfg, "rte", "ikd", {"temperature": 1.0, "exam_every": 5.0,
+                                                  "teacher_lr": 1e-5})
+    assert ikd.exam_every == 5 and isinstance(ikd.exam_every, int)
+    assert ikd.trial_id == "rte-ikd-s11-T1-E5-tlr1e-05" and ikd.phase == "confirm"
+    assert Trial.from_dict(ikd.to_dict()) == ikd  # what a Ray worker gets back
+    # Same id scheme as the search, and no clash with it (fresh seeds).
+    assert not {t.trial_id for t in kd} & {t.trial_id for t in expand_trials(cfg)}
+    assert all(t.phase == "search" for t in expand_trials(cfg))
+    with pytest.raises(ValueError, match="ikd needs teacher_lr"):
+        confirm_trials(cfg, "rte", "ikd", {"temperature": 1.0, "exam_every": 5})
+    assert confirm_trials(sweep(), "rte", "kd", {"temperature": 2.0}) == []  # none configured
+
+
+def test_every_trial_uses_exactly_its_methods_hyperparameters():
+    cfg = sweep(confirm_seeds=[9])
+    trials = expand_trials(cfg) + [
+        t for m in ("finetune", "kd", "ikd")
+        for t in confirm_trials(cfg, "rte", m, {"temperature": 2, "exam_every": 1,
+                                                "teacher_lr": 1e-6})]
+    for t in trials:
+        used = {h for h in ("temperature", "exam_every", "teacher_lr")
+                if getattr(t, h) is not None}
+        assert used == set(METHOD_HPARAMS[t.method]), t
+
+
+def test_pick_trial_defaults_to_the_first_values_and_rejects_what_does_not_apply():
+    cfg = sweep()
+    assert pick_trial(cfg, "rte", "finetune") == Trial("rte", "finetune", 1)
+    assert pick_trial(cfg, "rte", "kd", 2) == Trial("rte", "kd", 2, 1.0)
+    assert pick_trial(cfg, "rte", "ikd", teacher_lr=3e-6) == Trial("rte", "ikd", 1, 1.0, 1, 3e-6)
+    with pytest.raises(PickError, match="task 'cola' is not in the sweep") as e:
+        pick_trial(cfg, "cola", "kd")
+    assert e.value.option == "--task"
+    with pytest.raises(PickError, match="finetune, kd, ikd") as e:
+        pick_trial(cfg, "rte", "distil")
+    assert e.value.option == "--method"
+    with pytest.raises(PickError, match="kd does not use exam_every") as e:
+        pick_trial(cfg, "rte", "kd", exam_every=5)
+    assert e.value.option == "--exam-every"
+
+
+def test_trial_seed_is_seed_base_plus_seed_for_trials_and_teachers():
+    cfg = SweepConfig.model_validate({**sweep().model_dump(), "train": {"seed_base": 100}})
+    assert trial_seed(cfg, Trial("rte", "kd", 3, 2.0)) == 103
+    assert trial_seed(cfg, 3) == 103  # the teacher of seed 3 splits the data the same way

@@ -1,0 +1,155 @@
+"""Trials: what one point of a sweep is, which hyperparameters each method uses, expansion,
+seeds and picking one trial by hand.
+
+The one home of these facts: cli, tune, the trainer's assembly (`trial.py`), the teacher cache
+and analysis all read them from here. `finetune` uses no hyperparameter of the search, `kd` the
+temperature, `ikd` temperature, exam_every and teacher_lr (`METHOD_HPARAMS`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ikd_sweep.config import METHODS, SweepConfig
+
+HPARAMS = ("temperature", "exam_every", "teacher_lr")
+# Which search hyperparameters each method uses; the others stay None in its trials.
+METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
+    "finetune": (),
+    "kd": ("temperature",),
+    "ikd": ("temperature", "exam_every", "teacher_lr"),
+}
+PHASES = ("search", "confirm")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of a sweep: a task, a method, a seed and the method's hyperparameters."""
+
+    task: str
+    method: str
+    seed: int
+    temperature: float | None = None
+    exam_every: int | None = None
+    teacher_lr: float | None = None
+    # "search" (the settings being compared) or "confirm" (the selected setting re-run on a
+    # fresh seed from search.confirm_seeds); recorded as the tag ikd.phase.
+    phase: str = "search"
+
+    @property
+    def trial_id(self) -> str:
+        parts = [self.task, self.method, f"s{self.seed}"]
+        if self.temperature is not None:
+            parts.append(f"T{self.temperature:g}")
+        if self.exam_every is not None:
+            parts.append(f"E{self.exam_every}")
+        if self.teacher_lr is not None:
+            parts.append(f"tlr{self.teacher_lr:g}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Trial:
+        return cls(d["task"], d["method"], d["seed"], *(d.get(h) for h in HPARAMS),
+                   phase=d.get("phase") or "search")
+
+
+def trial_seed(cfg: SweepConfig, trial: Trial | int) -> int:
+    """The seed a trial (or the teacher of sweep seed `trial`) trains with: seed_base + seed.
+
+    The teacher of seed s and the students of seed s share it, so a sweep's seed names one
+    data split (train/quiz) for all of them."""
+    seed = trial if isinstance(trial, int) else trial.seed
+    return cfg.train.seed_base + seed
+
+
+def _method_trial(task: str, method: str, seed: int, setting: Mapping[str, Any],
+                  phase: str = "search") -> Trial:
+    """A Trial with only the hyperparameters `method` uses; a missing or NaN one is an error."""
+    values: dict[str, Any] = {}
+    for h in METHOD_HPARAMS[method]:
+        v = setting.get(h)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            raise ValueError(f"method {method} needs {h}; the setting has {dict(setting)}")
+        values[h] = int(v) if h == "exam_every" else float(v)
+    return Trial(task, method, seed, **values, phase=phase)
+
+
+def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dict[str, Any]]:
+    """The search points of a method, each naming only the hyperparameters it uses."""
+    s = cfg.search
+    used = METHOD_HPARAMS[method]
+    if s.algorithm == "grid":
+        return [dict(zip(used, p, strict=True))
+                for p in itertools.product(*(getattr(s, h) for h in used))]
+    def draw(h: str) -> float | int:  # random search: the range a list spans
+        lo, hi = min(getattr(s, h)), max(getattr(s, h))
+        if h == "exam_every":
+            return rng.randint(lo, hi)
+        if h == "teacher_lr":  # log-uniform
+            return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
+        return round(rng.uniform(lo, hi), 3)
+
+    n = s.num_samples if used else 1
+    points = [tuple((h, draw(h)) for h in used) for _ in range(n)]
+    return [dict(p) for p in dict.fromkeys(points)]  # a repeated draw is one trial, not two
+
+
+def expand_trials(cfg: SweepConfig) -> list[Trial]:
+    """All search trials of a sweep, without duplicates, in a stable order (task, method,
+    point, seed)."""
+    trials: list[Trial] = []
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            # The random draw is seeded by the sweep, so a resumed sweep expands identically.
+            rng = random.Random(f"{cfg.name}/{task}/{method}/{cfg.train.seed_base}")
+            for point in _hyper_points(cfg, method, rng):
+                trials += [_method_trial(task, method, seed, point) for seed in cfg.search.seeds]
+    assert len({tr.trial_id for tr in trials}) == len(trials)
+    return trials
+
+
+def confirm_trials(cfg: SweepConfig, task: str, method: str,
+                   setting: Mapping[str, Any]) -> list[Trial]:
+    """The selected `setting` of (task, method) re-run on each of `search.confirm_seeds`.
+
+    `setting` maps hyperparameter names to values, e.g. a row of the report's selection;
+    values of hyperparameters the method does not use (NaN there) are ignored."""
+    if method not in METHOD_HPARAMS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    return [_method_trial(task, method, seed, setting, phase="confirm")
+            for seed in cfg.search.confirm_seeds]
+
+
+class PickError(ValueError):
+    """A trial asked for by hand that the sweep cannot run; `option` names the CLI option."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(message)
+
+
+def pick_trial(cfg: SweepConfig, task: str, method: str, seed: int | None = None,
+               **setting: Any) -> Trial:
+    """One trial of the sweep by hand (`ikd-sweep train`): a hyperparameter left None takes the
+    first value of its search list, the seed the first of `search.seeds`."""
+    if task not in cfg.tasks:
+        raise PickError("--task", f"task {task!r} is not in the sweep (tasks: {cfg.tasks}); "
+                        "add it with --set 'tasks=[...]'")
+    if method not in METHOD_HPARAMS:
+        raise PickError("--method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+    unused = [h for h, v in setting.items() if v is not None and h not in METHOD_HPARAMS[method]]
+    if unused:
+        raise PickError(f"--{unused[0].replace('_', '-')}",
+                        f"method {method} does not use {', '.join(unused)} (it uses: "
+                        f"{', '.join(METHOD_HPARAMS[method]) or 'none of them'})")
+    chosen = {h: setting.get(h) if setting.get(h) is not None else getattr(cfg.search, h)[0]
+              for h in METHOD_HPARAMS[method]}
+    return _method_trial(task, method, cfg.search.seeds[0] if seed is None else seed, chosen)
