@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ikd_sweep.config import SweepConfig, expand_trials
+from ikd_sweep.config import SweepConfig
 from ikd_sweep.tracking import SweepTracker
-from ikd_sweep.trainer import run_trial
+from ikd_sweep.trial import run_trial
+from ikd_sweep.trials import expand_trials
 from ikd_sweep.tune import init_ray, run_sweep
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"

@@ -2,30 +2,28 @@
 
 A teacher is fine-tuned once per (task, teacher model and settings, seed, data settings) and
 saved under `<home>/cache/teachers/<key>/`; every trial of that task and seed reuses it. A file
-lock makes a second process wait for the first instead of training the same teacher twice.
+lock (`filelock`) makes a second process wait for the first instead of training the same
+teacher twice. This module depends on the trainer (it fine-tunes with `fit`), never the reverse.
 For `kd` the teacher is fixed, so its logits on the course data are computed once per cached
 teacher (`train_logits.pt`) and shared by every kd trial (they do not depend on temperature).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import TaskData, iterate, prepare_data
-from ikd_sweep.models import build_model, load_tokenizer
+from ikd_sweep.files import atomic_path
+from ikd_sweep.models import autocast, build_model, load_tokenizer, model_inputs
 from ikd_sweep.trainer import Callback, FitSettings, evaluate, fit, pick_device, seed_everything
+from ikd_sweep.trials import trial_seed
 
 DONE = "DONE"
 
@@ -33,7 +31,7 @@ DONE = "DONE"
 def teacher_key(cfg: SweepConfig, task: str, seed: int) -> str:
     """Content key: everything that changes what the fine-tuned teacher is."""
     d = cfg.data
-    parts = {"task": task, "seed": cfg.train.seed_base + seed,
+    parts = {"task": task, "seed": trial_seed(cfg, seed),
              "teacher": cfg.teacher.model_dump(mode="json"),
              "data": {"source": d.source, "glue_dir": str(d.glue_dir), "max_length": d.max_length,
                       "quiz_fraction": d.quiz_fraction, "max_train_samples": d.max_train_samples},
@@ -48,15 +46,10 @@ def teacher_dir(cfg: SweepConfig, task: str, seed: int, home: Path) -> Path:
     return home / "cache" / "teachers" / teacher_key(cfg, task, seed)
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> FileLock:
+    """An exclusive lock across processes; blocks until the process holding it is done."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # blocks until the process holding it is done
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
@@ -76,17 +69,15 @@ def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
         model = build_model(cfg.teacher, data.task.num_labels)
         metrics = fit(settings, data.task, data, model, device=dev, callback=callback,
                       pad_id=tokenizer.pad_token_id or 0)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         dev_metrics = evaluate(model, data.dev, data.task, dev, settings.eval_batch_size,
                                tokenizer.pad_token_id or 0)
-        (tmp / "metrics.json").write_text(json.dumps(
-            {**metrics, **{f"dev/{k}": v for k, v in dev_metrics.items()},
-             "key": out.name}, indent=1))
-        (tmp / DONE).write_text("")
-        shutil.rmtree(out, ignore_errors=True)  # a half-written folder from a crash
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # a crash leaves no half-written teacher behind
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(
+                {**metrics, **{f"dev/{k}": v for k, v in dev_metrics.items()},
+                 "key": out.name}, indent=1))
+            (tmp / DONE).write_text("")
     return out
 
 
@@ -108,23 +99,24 @@ def train_logits(path: Path, data: TaskData, device: torch.device,
     the teacher never trains in kd)."""
     cache = Path(path) / "train_logits.pt"
     rows = data.train.idx
-    if cache.exists():
+
+    def cached() -> torch.Tensor | None:  # only logits computed for these very rows
+        if not cache.exists():
+            return None
         saved = torch.load(cache)
-        if torch.equal(saved["rows"], torch.as_tensor(rows)):
-            return saved["logits"]
+        return saved["logits"] if torch.equal(saved["rows"], torch.as_tensor(rows)) else None
+
+    if (hit := cached()) is not None:
+        return hit
     with _locked(cache.with_suffix(".lock")):
-        if cache.exists():  # computed by another trial while we waited for the lock
-            saved = torch.load(cache)
-            if torch.equal(saved["rows"], torch.as_tensor(rows)):
-                return saved["logits"]
+        if (hit := cached()) is not None:  # computed by another trial while we waited
+            return hit
         model = load_teacher(path).to(device).eval()
         out = torch.zeros((int(rows.max()) + 1, data.task.num_labels))
         for batch in iterate(data.train, batch_size, regression=data.task.is_regression):
-            ids = {k: v.to(device) for k, v in batch.items()
-                   if k in ("input_ids", "attention_mask", "token_type_ids")}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out[batch["idx"]] = model(**ids).logits.float().cpu()
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"rows": torch.as_tensor(rows), "logits": out}, tmp)
-        os.replace(tmp, cache)
+            with autocast(device):
+                out[batch["idx"]] = model(**{k: v.to(device) for k, v in
+                                             model_inputs(batch).items()}).logits.float().cpu()
+        with atomic_path(cache) as tmp:
+            torch.save({"rows": torch.as_tensor(rows), "logits": out}, tmp)
     return out

@@ -1,7 +1,7 @@
-"""One trial: `finetune`, `kd` or `ikd` on one task, in plain PyTorch.
+"""The training loop of one trial: `finetune`, `kd` or `ikd` on one task, in plain PyTorch.
 
-Read it top to bottom: `run_trial` prepares data and the (cached) teacher, then `fit` runs the
-loop. Each course step trains the student on the course loss; for `ikd`, every `exam_every`
+`fit` runs the loop on data and models it is given (`trial.run_trial` assembles them). Each
+course step trains the student on the course loss; for `ikd`, every `exam_every`
 course steps an exam step also trains the teacher on the student's feedback: the hypergradient
 of the student's quiz loss after a one-step lookahead of that same course batch, taken from the
 student's parameters before its real update (DESIGN.md, "Order within an exam round").
@@ -14,16 +14,14 @@ step, RNG), and a non-finite loss check at every logging step.
 
 Metrics leave through a callback, so this module imports neither Ray nor MLflow:
 `callback.log(metrics, step)` for training curves, `callback.report(metrics, step, checkpoint)`
-at each evaluation. Raises `NonFiniteLoss` when a loss goes NaN/inf, `ValueError` for settings
-that cannot work together (e.g. `first_order` on a regression task).
+at each evaluation. Raises `NonFiniteLoss` when a loss goes NaN/inf, `ValueError` when a
+method lacks its teacher. Settings that cannot run together are rejected by the config.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,14 +32,14 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from ikd_sweep.config import SweepConfig, Trial, trial_seed
-from ikd_sweep.data import Split, TaskData, batch_order, collate, iterate, prepare_data
+from ikd_sweep.config import SweepConfig
+from ikd_sweep.data import Split, TaskData, batch_order, collate, iterate
 from ikd_sweep.distill.exam import exam_hypergradient
 from ikd_sweep.distill.losses import course_loss, task_loss
-from ikd_sweep.models import build_model, load_tokenizer
-from ikd_sweep.tasks import Task, get_task
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+from ikd_sweep.files import atomic_path
+from ikd_sweep.models import autocast, model_inputs
+from ikd_sweep.tasks import Task
+from ikd_sweep.trials import Trial, trial_seed
 
 
 class Callback(Protocol):
@@ -103,7 +101,7 @@ class FitSettings:
     @classmethod
     def for_teacher(cls, cfg: SweepConfig, seed: int) -> FitSettings:
         t = cfg.teacher
-        return cls(method="finetune", seed=cfg.train.seed_base + seed, epochs=t.epochs,
+        return cls(method="finetune", seed=trial_seed(cfg, seed), epochs=t.epochs,
                    batch_size=t.batch_size, eval_batch_size=cfg.train.eval_batch_size,
                    lr=t.lr, weight_decay=cfg.train.weight_decay,
                    warmup_ratio=cfg.train.warmup_ratio, max_grad_norm=cfg.train.max_grad_norm,
@@ -120,15 +118,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-
-
-def _autocast(device: torch.device):
-    # bf16 autocast on CUDA; full precision on CPU, where bf16 is slow and changes results.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, task: Task, device: torch.device,
              batch_size: int = 128, pad_id: int = 0) -> dict[str, float]:
@@ -137,8 +126,8 @@ def evaluate(model: torch.nn.Module, split: Split, task: Task, device: torch.dev
     model.eval()
     logits, labels = [], []
     for batch in iterate(split, batch_size, pad_id=pad_id, regression=task.is_regression):
-        with _autocast(device):
-            out = model(**{k: v.to(device) for k, v in _inputs(batch).items()})
+        with autocast(device):
+            out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
         logits.append(out.logits.float().cpu())
         labels.append(batch["labels"])
     model.train(was_training)
@@ -159,16 +148,9 @@ def _cycle(split: Split, batch_size: int, seed: int, pad_id: int, regression: bo
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)  # left by a crash after the swap below
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
     return path
 
 
@@ -183,9 +165,6 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
         raise ValueError("method kd needs a teacher or its cached logits")
     if s.method == "ikd" and teacher is None:
         raise ValueError("method ikd needs the teacher model (it trains it)")
-    if s.method == "ikd" and reg and s.estimator == "first_order":
-        raise ValueError("ikd.estimator first_order needs class pseudo-labels; for regression "
-                         "tasks use finite_difference or exact")
     cuda = device.type == "cuda"
     seed_everything(s.seed)
     student.to(device).train()
@@ -253,7 +232,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
             if quiz is not None and (step + 1) % s.exam_every == 0:
                 quiz_used, qb = next(quiz)
                 qb = {k: v.to(device, non_blocking=True) for k, v in qb.items()}
-                with _autocast(device):
+                with autocast(device):
                     res = exam_hypergradient(
                         teacher, student, batch, qb, temperature=s.temperature, alpha=s.alpha,
                         lookahead_lr=s.lookahead_lr, estimator=s.estimator,
@@ -263,8 +242,8 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                 n_exams += 1
 
             # ---- course step: student on soft targets (+ gold labels)
-            with _autocast(device):
-                out = student(**_inputs(batch), output_hidden_states=hidden)
+            with autocast(device):
+                out = student(**model_inputs(batch), output_hidden_states=hidden)
                 t_hidden = None
                 if s.method == "finetune":
                     loss = task_loss(out.logits.float(), labels)
@@ -274,7 +253,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                         t_logits = teacher_logits[batch["idx"]]
                     else:
                         with torch.no_grad():
-                            t_out = teacher(**_inputs(batch), output_hidden_states=hidden)
+                            t_out = teacher(**model_inputs(batch), output_hidden_states=hidden)
                         t_logits = t_out.logits.float()
                         t_hidden = t_out.hidden_states if hidden else None
                     loss = course_loss(out.logits.float(), t_logits, labels,
@@ -297,8 +276,8 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
             if grads is not None:
                 t_opt.zero_grad(set_to_none=True)
                 if s.teacher_ce_weight > 0:
-                    with _autocast(device):
-                        gold = task_loss(teacher(**_inputs(batch)).logits.float(), labels)
+                    with autocast(device):
+                        gold = task_loss(teacher(**model_inputs(batch)).logits.float(), labels)
                     (s.teacher_ce_weight * gold).backward()
                 for name, p in teacher.named_parameters():
                     g = grads.get(name)
@@ -373,43 +352,3 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
         for k, v in evaluate(student, split, task, device, s.eval_batch_size, pad_id).items():
             final[f"final/{name}_{k}"] = v
     return final
-
-
-def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback | None = None,
-              checkpoint_dir: Path | None = None, resume_from: Path | None = None,
-              device: str | None = None, splits: dict[str, Split] | None = None,
-              ) -> dict[str, float]:
-    """Run one trial end to end: data, cached teacher (and logits for kd), training loop."""
-    from ikd_sweep import teacher as teacher_cache  # the cache trains teachers with `fit`
-
-    dev = pick_device(device)
-    seed = trial_seed(cfg, trial)
-    if (trial.method == "ikd" and cfg.ikd.estimator == "first_order"
-            and get_task(trial.task).is_regression):  # fail before fine-tuning a teacher
-        raise ValueError("ikd.estimator first_order needs class pseudo-labels; for regression "
-                         f"tasks such as {trial.task} use finite_difference or exact")
-    tokenizer = load_tokenizer(cfg.teacher.model)
-    data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed, splits)
-    teacher = logits = None
-    teacher_dev = None
-    if trial.method in ("kd", "ikd"):
-        tdir = teacher_cache.ensure_teacher(cfg, trial.task, trial.seed, home, device=device)
-        teacher_dev = teacher_cache.teacher_metrics(tdir).get("dev/main")
-        if trial.method == "kd":
-            logits = teacher_cache.train_logits(tdir, data, dev)
-        else:
-            teacher = teacher_cache.load_teacher(tdir)
-    seed_everything(seed)  # the student's fresh head is drawn from the trial's seed
-    student = build_model(cfg.student, data.task.num_labels)
-    if student.config.vocab_size < len(tokenizer):
-        raise ValueError(f"student vocabulary ({student.config.vocab_size}) is smaller than the "
-                         f"teacher tokenizer's ({len(tokenizer)}): they must share a vocabulary")
-    if teacher_dev is not None and callback is not None:
-        callback.log({"teacher/dev_main": teacher_dev}, 0)
-    result = fit(FitSettings.for_trial(cfg, trial), data.task, data, student, teacher=teacher,
-                 teacher_logits=logits, device=dev, callback=callback,
-                 pad_id=tokenizer.pad_token_id or 0, checkpoint_dir=checkpoint_dir,
-                 resume_from=resume_from)
-    if teacher_dev is not None:
-        result["teacher/initial_dev_main"] = teacher_dev
-    return result

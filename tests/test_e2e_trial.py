@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from ikd_sweep import teacher as teacher_cache
-from ikd_sweep.config import SweepConfig, Trial
+from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import prepare_data
 from ikd_sweep.models import load_tokenizer
-from ikd_sweep.trainer import run_trial
+from ikd_sweep.trial import run_trial
+from ikd_sweep.trials import Trial
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(),

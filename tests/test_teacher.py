@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from ikd_sweep import teacher as teacher_cache
-from ikd_sweep.config import SweepConfig, Trial
+from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import batch_order, collate, prepare_data, tokenize_splits
 from ikd_sweep.models import build_model, load_tokenizer, tiny_spec
 from ikd_sweep.tasks import get_task
-from ikd_sweep.trainer import FitSettings, evaluate, fit, run_trial, seed_everything
+from ikd_sweep.trainer import FitSettings, evaluate, fit, seed_everything
+from ikd_sweep.trial import run_trial
+from ikd_sweep.trials import Trial
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not (GLUE / "RTE" / "train.tsv").is_file(),

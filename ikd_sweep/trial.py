@@ -1,0 +1,50 @@
+"""One trial assembled: its data, its cached teacher (and kd logits), a fresh student, the loop.
+
+The assembly lives here, not in the training loop, so the dependencies run one way:
+trial -> teacher cache -> trainer (the cache fine-tunes teachers with the trainer's `fit`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ikd_sweep import teacher as teacher_cache
+from ikd_sweep.config import SweepConfig
+from ikd_sweep.data import Split, prepare_data
+from ikd_sweep.models import build_model, load_tokenizer
+from ikd_sweep.trainer import Callback, FitSettings, fit, pick_device, seed_everything
+from ikd_sweep.trials import Trial, trial_seed
+
+
+def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback | None = None,
+              checkpoint_dir: Path | None = None, resume_from: Path | None = None,
+              device: str | None = None, splits: dict[str, Split] | None = None,
+              ) -> dict[str, float]:
+    """Run one trial end to end: data, cached teacher (and logits for kd), training loop."""
+    dev = pick_device(device)
+    seed = trial_seed(cfg, trial)
+    tokenizer = load_tokenizer(cfg.teacher.model)
+    data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed, splits)
+    teacher = logits = None
+    teacher_dev = None
+    if trial.method in ("kd", "ikd"):
+        tdir = teacher_cache.ensure_teacher(cfg, trial.task, trial.seed, home, device=device)
+        teacher_dev = teacher_cache.teacher_metrics(tdir).get("dev/main")
+        if trial.method == "kd":
+            logits = teacher_cache.train_logits(tdir, data, dev)
+        else:
+            teacher = teacher_cache.load_teacher(tdir)
+    seed_everything(seed)  # the student's fresh head is drawn from the trial's seed
+    student = build_model(cfg.student, data.task.num_labels)
+    if student.config.vocab_size < len(tokenizer):
+        raise ValueError(f"student vocabulary ({student.config.vocab_size}) is smaller than the "
+                         f"teacher tokenizer's ({len(tokenizer)}): they must share a vocabulary")
+    if teacher_dev is not None and callback is not None:
+        callback.log({"teacher/dev_main": teacher_dev}, 0)
+    result = fit(FitSettings.for_trial(cfg, trial), data.task, data, student, teacher=teacher,
+                 teacher_logits=logits, device=dev, callback=callback,
+                 pad_id=tokenizer.pad_token_id or 0, checkpoint_dir=checkpoint_dir,
+                 resume_from=resume_from)
+    if teacher_dev is not None:
+        result["teacher/initial_dev_main"] = teacher_dev
+    return result

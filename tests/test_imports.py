@@ -1,0 +1,80 @@
+"""The package's module graph: no import cycle, and Ray/MLflow stay in their one module each."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import ikd_sweep
+
+PKG = Path(ikd_sweep.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> modules it imports, top-level and inside functions alike (a deferred import
+    hides a cycle from Python, not from a reader)."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module)
+                # `from ikd_sweep import teacher` imports the module ikd_sweep.teacher
+                deps |= {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph()
+    assert {"ikd_sweep.trainer", "ikd_sweep.trial", "ikd_sweep.teacher"} <= set(graph)
+    assert "ikd_sweep.teacher" in graph["ikd_sweep.trial"]  # the graph does see imports
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_ray_and_mlflow_each_stay_in_one_module():
+    users: dict[str, set[str]] = {"ray": set(), "mlflow": set()}
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for lib in users:
+                if any(n == lib or n.startswith(lib + ".") for n in names):
+                    users[lib].add(_module_name(path))
+    assert users == {"ray": {"ikd_sweep.tune"}, "mlflow": {"ikd_sweep.tracking"}}
