@@ -22,7 +22,6 @@ from analysis.tables import Report, build_report
 _log = logging.getLogger(__name__)
 
 FORMATS = ("md", "csv", "latex", "html")
-_ALIASES = {"markdown": "md", "tex": "latex", "htm": "html"}
 
 
 class NoFinishedRuns(Exception):
@@ -39,13 +38,13 @@ class NoFinishedRuns(Exception):
 
 
 def normalize_formats(formats: Sequence[str] | str) -> list[str]:
-    """``["md", "html"]`` from user input (``all``, comma lists, aliases); rejects the unknown."""
+    """``["md", "html"]`` from user input (``all``, comma lists); rejects the unknown."""
     if isinstance(formats, str):
         formats = [formats]
     wanted: list[str] = []
     for item in formats:
         for name in str(item).split(","):
-            name = _ALIASES.get(name.strip().lower(), name.strip().lower())
+            name = name.strip().lower()
             if not name:
                 continue
             if name == "all":

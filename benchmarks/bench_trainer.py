@@ -40,9 +40,9 @@ except ImportError:  # a checkout that is not pip-installed
 from ikd_sweep.data import Split, batch_order, collate, read_glue_tsv  # noqa: E402
 from ikd_sweep.distill.exam import ESTIMATORS, exam_hypergradient  # noqa: E402
 from ikd_sweep.distill.losses import course_loss  # noqa: E402
+from ikd_sweep.models import autocast, model_inputs  # noqa: E402
 from ikd_sweep.tasks import get_task  # noqa: E402
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 VOCAB = 30522  # BERT uncased, the MiniLM tokenizer's vocabulary
 
 # teacher / student: (layers, hidden, heads, intermediate); batch size, sequence length
@@ -62,11 +62,6 @@ def make_model(spec: tuple[int, int, int, int], vocab: int, seed: int) -> torch.
     return BertForSequenceClassification(cfg)
 
 
-def autocast(device: torch.device):
-    # As the trainer: bf16 autocast on CUDA, full precision on CPU.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -82,10 +77,6 @@ def random_batch(b: int, seq: int, vocab: int, device: torch.device, seed: int) 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-
-
 class CourseStep:
     """The trainer's kd course step: soft targets (live or cached), student fwd+bwd, AdamW."""
 
@@ -97,12 +88,12 @@ class CourseStep:
 
     def __call__(self, batch, teacher=None, cached_logits=None) -> None:
         with autocast(self.device):
-            out = self.student(**inputs(batch))
+            out = self.student(**model_inputs(batch))
             if cached_logits is not None:
                 t_logits = cached_logits[batch["idx"]]
             else:
                 with torch.no_grad():
-                    t_logits = teacher(**inputs(batch)).logits.float()
+                    t_logits = teacher(**model_inputs(batch)).logits.float()
             s_logits = out.logits.float()
             loss = course_loss(s_logits, t_logits, batch["labels"], temperature=self.t,
                                alpha=self.alpha)
@@ -144,7 +135,7 @@ def bench_steps(args, size: dict, device: torch.device, vocab: int) -> None:
     course = random_batch(b, seq, vocab, device, 0)
     quiz = random_batch(b, seq, vocab, device, 1)
     with torch.no_grad(), autocast(device):
-        cached = teacher(**inputs(course)).logits.float()  # logits "of the training set"
+        cached = teacher(**model_inputs(course)).logits.float()  # logits "of the training set"
     step = CourseStep(student, device)
     kw = dict(temperature=2.0, alpha=0.5, lookahead_lr=5e-5)
 
@@ -236,7 +227,7 @@ def bench_padding(args, size: dict, device: torch.device) -> None:
         def run():
             for batch in batches:
                 with autocast(device):
-                    loss = F.cross_entropy(student(**inputs(batch)).logits.float(),
+                    loss = F.cross_entropy(student(**model_inputs(batch)).logits.float(),
                                            batch["labels"])
                 loss.backward()
             student.zero_grad(set_to_none=True)

@@ -14,20 +14,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import Dataset, disable_progress_bars, load_dataset, load_from_disk
 from sklearn.model_selection import train_test_split
+from torch.nn.utils.rnn import pad_sequence
 
 from ikd_sweep.config import DataConfig
+from ikd_sweep.files import atomic_path
 from ikd_sweep.tasks import Task, get_task
 
 # One progress bar per split per trial would bury the sweep's own output.
@@ -194,13 +194,10 @@ def tokenize_splits(task: Task, data: DataConfig, tokenizer, cache_dir: Path) ->
             ds = Dataset.from_dict({**raw[s], "idx": list(range(len(raw[s]["label"])))})
             ds = ds.map(_tokenize_fn(tokenizer, task.text_fields, data.max_length),
                         batched=True, remove_columns=list(task.text_fields))
-            # Write to a temp folder and rename: a concurrent trial never sees half a cache.
-            tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
-            ds.save_to_disk(str(tmp))
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process won the race; its copy is identical
-                shutil.rmtree(tmp, ignore_errors=True)
+            # A concurrent trial never sees half a cache; when two write it, both copies are
+            # identical and the first one stays.
+            with atomic_path(path, first_wins=True) as tmp:
+                ds.save_to_disk(str(tmp))
     return {s: _to_split(load_from_disk(str(p))) for s, p in keys.items()}
 
 
@@ -268,26 +265,25 @@ def prepare_data(task_name: str, data: DataConfig, tokenizer, cache_dir: Path,
 # ----------------------------------------------------------------------------- batching
 
 
+def _pad(seqs: list[list[int]], value: int, width: int) -> torch.Tensor:
+    padded = pad_sequence([torch.tensor(q) for q in seqs], batch_first=True, padding_value=value)
+    return F.pad(padded, (0, width - padded.shape[1]), value=value)
+
+
 def collate(split: Split, rows, pad_id: int = 0, pad_to: int | None = None,
             regression: bool = False) -> dict[str, torch.Tensor]:
     """Pad the rows to the longest in the batch (or to `pad_to`)."""
+    rows = np.asarray(rows)
     seqs = [split.input_ids[i] for i in rows]
-    width = pad_to or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.tensor(s)
-        mask[j, : len(s)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
+    lengths = torch.tensor([len(q) for q in seqs])
+    width = pad_to or int(lengths.max())
+    batch = {"input_ids": _pad(seqs, pad_id, width),
+             "attention_mask": (torch.arange(width) < lengths[:, None]).long()}
     if split.token_type_ids is not None:
-        tt = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            t = split.token_type_ids[i]
-            tt[j, : len(t)] = torch.tensor(t)
-        batch["token_type_ids"] = tt
-    labels = split.labels[np.asarray(rows)]
-    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
-    batch["idx"] = torch.from_numpy(split.idx[np.asarray(rows)])
+        batch["token_type_ids"] = _pad([split.token_type_ids[i] for i in rows], 0, width)
+    batch["labels"] = torch.tensor(split.labels[rows],
+                                   dtype=torch.float32 if regression else torch.long)
+    batch["idx"] = torch.from_numpy(split.idx[rows])
     return batch
 
 

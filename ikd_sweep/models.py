@@ -8,6 +8,7 @@ architecture with fresh weights; `config` overrides config fields (tiny models f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from transformers.utils import logging as hf_logging
 from ikd_sweep.config import ModelConfig
 
 MINILM = "minilm"
+# The batch keys a model's forward takes; batches also carry labels and row ids (idx).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 # Weight-loading progress bars flood a sweep's logs (one per model per trial).
 hf_logging.disable_progress_bar()
@@ -76,6 +79,16 @@ def tiny_spec(**config) -> ModelConfig:
     base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
             "intermediate_size": 128}
     return ModelConfig(model=MINILM, init="random", config={**base, **config})
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of `batch` that a model's forward takes (not labels, idx, ...)."""
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; full precision on CPU, where bf16 is slow and changes results."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -5,7 +5,8 @@
     d L_exam / d theta_t = -lr * d2 L_course / (d theta_t d theta_s) . v,  v = grad L_exam(theta_s')
 
 Estimators (see DESIGN.md): `exact` (double backward), `finite_difference` (first-order only,
-central difference along v), `first_order` (Meta-Pseudo-Labels scalar feedback, biased).
+central difference along v), `first_order` (Meta-Pseudo-Labels scalar feedback, biased;
+classification only: the sweep config rejects it for regression tasks).
 
 Dropout: every estimator draws three seeds from the global torch RNG and runs the teacher pass,
 the student course passes and the student exam pass each under its own fixed seed (in a forked
@@ -25,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ikd_sweep.distill.losses import course_loss, is_regression, task_loss
+from ikd_sweep.distill.losses import course_loss, task_loss
+from ikd_sweep.models import model_inputs
 
 ESTIMATORS = ("exact", "finite_difference", "first_order")
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 @dataclass
@@ -39,8 +40,7 @@ class ExamResult:
 
 def _forward(model: nn.Module, batch: Mapping[str, Tensor], hidden: bool, params=None):
     """Logits (and HF hidden_states if asked); `params` evaluates the model at other weights."""
-    kw = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}  # not labels, idx, ...
-    kw["output_hidden_states"] = hidden
+    kw = {**model_inputs(batch), "output_hidden_states": hidden}
     out = model(**kw) if params is None else functional_call(model, params, (), kw)
     return out.logits, (out.hidden_states if hidden else None)
 
@@ -148,9 +148,6 @@ def exam_hypergradient(
         # The teacher runs once, with grad: its course outputs are how theta_t enters.
         with _seeded(seed_t, devices):
             t_out = _forward(teacher, course_batch, hidden)
-        if estimator == "first_order" and is_regression(t_out[0]):
-            raise ValueError("first_order needs class pseudo-labels (argmax of the teacher), so it "
-                             "does not apply to regression; use 'exact' or 'finite_difference'")
 
         # Lookahead. Only `exact` differentiates through it; the others hold the teacher fixed.
         t_fixed = t_out if exact else (t_out[0].detach(),
@@ -192,24 +189,3 @@ def _first_order(t_logits, g, v, temperature, lookahead_lr, t_params):
     h = lookahead_lr * _dot(g, v)
     loss = F.cross_entropy(t_logits / temperature, t_logits.argmax(-1))
     return [gr * h.to(gr) for gr in _grad(loss, t_params)]
-
-
-def teacher_hypergradient(
-    teacher: nn.Module,
-    student: nn.Module,
-    course_batch: Mapping[str, Tensor],
-    exam_batch: Mapping[str, Tensor],
-    *,
-    temperature: float,
-    alpha: float,
-    lookahead_lr: float,
-    estimator: str = "finite_difference",
-    hidden_weight: float = 0.0,
-    fd_epsilon: float = 0.01,
-) -> dict[str, Tensor]:
-    """Just the gradients of `exam_hypergradient`."""
-    return exam_hypergradient(
-        teacher, student, course_batch, exam_batch, temperature=temperature, alpha=alpha,
-        lookahead_lr=lookahead_lr, estimator=estimator, hidden_weight=hidden_weight,
-        fd_epsilon=fd_epsilon,
-    ).grads

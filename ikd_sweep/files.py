@@ -1,0 +1,51 @@
+"""Atomic writes of files and folders: readers see the old version or the new, never half."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: Path, *, first_wins: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path` (not created); write a file or a folder
+    there, and on success it becomes `path` in one rename. On an error `path` is untouched.
+
+    A folder that already exists is swapped out whole (a crash between the two renames leaves
+    no `path`, never a mix). `first_wins`: keep an existing folder and drop the new copy, for
+    caches that concurrent writers fill with identical content. Without it the caller is the
+    only writer of `path` (or holds a lock), so leftovers of an earlier crashed write go first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not first_wins:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            _remove(stale)
+    # Unique per writer, so two processes never write into the same temporary path.
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        if first_wins:
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another writer's folder is already there
+                pass
+        elif tmp.is_dir() and path.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
