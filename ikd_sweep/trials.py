@@ -24,7 +24,6 @@ METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
     "kd": ("temperature",),
     "ikd": ("temperature", "exam_every", "teacher_lr"),
 }
-PHASES = ("search", "confirm")
 
 
 @dataclass(frozen=True)
