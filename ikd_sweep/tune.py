@@ -116,7 +116,7 @@ def _prepare_teacher(sweep: SweepConfig, task: str, seed: int, home: str) -> str
     if "kd" in sweep.methods:
         tok = load_tokenizer(sweep.teacher.model)
         data = prepare_data(task, sweep.data, tok, Path(home) / "cache" / "data",
-                            sweep.train.seed_base + seed)
+                            sweep.train.seed_base + seed, method="kd")
         tc.train_logits(tdir, data, pick_device())
     return str(tdir)
 
