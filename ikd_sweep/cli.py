@@ -117,7 +117,9 @@ def _pick_trial(cfg: SweepConfig, task: str, method: str, seed: int | None,
     return Trial(task, method, seed if seed is not None else s.seeds[0],
                  None if method == "finetune" else temperature or s.temperature[0],
                  exam_every or s.exam_every[0] if method == "ikd" else None,
-                 teacher_lr or s.teacher_lr[0] if method == "ikd" else None)
+                 # `is not None`: --teacher-lr 0 is the control, not "use the sweep's first value"
+                 (teacher_lr if teacher_lr is not None else s.teacher_lr[0])
+                 if method == "ikd" else None)
 
 
 @app.command()
