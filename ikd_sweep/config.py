@@ -22,6 +22,7 @@ METHODS = ("finetune", "kd", "ikd")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class _Strict(BaseModel):
@@ -109,13 +110,15 @@ class IkdConfig(_Strict):
 class SearchConfig(_Strict):
     temperature: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     exam_every: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
-    teacher_lr: list[PositiveFloat] = Field(default_factory=lambda: [1e-6, 5e-6, 1e-5])
+    # 0 is the control: ikd through the same code path with a teacher that never moves.
+    teacher_lr: list[NonNegativeFloat] = Field(default_factory=lambda: [1e-6, 5e-6, 1e-5])
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
     # Fresh seeds on which each method's selected setting is re-run after the search; the
     # headline table uses these runs when they exist. Must not overlap `seeds`.
     confirm_seeds: list[int] = Field(default_factory=list)
     # grid: every combination. random: num_samples points per (task, method) drawn from the
-    # ranges the lists span (log-uniform for teacher_lr), each run with every seed.
+    # ranges the lists span (log-uniform over the positive teacher_lr values; a listed 0 adds
+    # a teacher_lr 0 control twin of every drawn ikd point), each run with every seed.
     algorithm: Literal["grid", "random"] = "grid"
     num_samples: PositiveInt = 1
     scheduler: Literal["none", "asha"] = "none"

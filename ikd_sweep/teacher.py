@@ -1,11 +1,14 @@
 """Fine-tune-once cache of teachers, and of a fixed teacher's logits on the training set.
 
-A teacher is fine-tuned once per (task, teacher model and settings, seed, data settings) and
-saved under `<home>/cache/teachers/<key>/`; every trial of that task and seed reuses it. A file
-lock (`filelock`) makes a second process wait for the first instead of training the same
-teacher twice. This module depends on the trainer (it fine-tunes with `fit`), never the reverse.
-For `kd` the teacher is fixed, so its logits on the course data are computed once per cached
-teacher (`train_logits.pt`) and shared by every kd trial (they do not depend on temperature).
+A teacher is fine-tuned once per (task, teacher model and settings, seed, data settings) on
+train - val (the trial's seed carves val, so the teacher never sees the val rows its students
+are selected on; it may learn from the quiz rows) and saved under `<home>/cache/teachers/<key>/`
+with its val and dev scores; every trial of that task and seed reuses it. A file lock
+(`filelock`) makes a second process wait for the first instead of training the same teacher
+twice. This module depends on the trainer (it fine-tunes with `fit`), never the reverse. For `kd`
+the teacher is fixed, so its logits on train - val (every row a kd course can hold, with or
+without quiz parity) are computed once per cached teacher (`train_logits.pt`) and shared by every
+kd trial (they do not depend on temperature).
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ DONE = "DONE"
 def teacher_key(cfg: SweepConfig, task: str, seed: int) -> str:
     """Content key: everything that changes what the fine-tuned teacher is."""
     d = cfg.data
+    # quiz_fraction is absent: val is carved before quiz, so train - val does not depend on it.
+    # max_eval_samples is present: the recorded dev score depends on it.
     parts = {"task": task, "seed": trial_seed(cfg, seed),
              "teacher": cfg.teacher.model_dump(mode="json"),
              "data": {"source": d.source, "glue_dir": str(d.glue_dir), "max_length": d.max_length,
-                      "quiz_fraction": d.quiz_fraction, "max_train_samples": d.max_train_samples},
+                      "val_fraction": d.val_fraction, "max_train_samples": d.max_train_samples,
+                      "max_eval_samples": d.max_eval_samples},
              "train": {"weight_decay": cfg.train.weight_decay,
                        "warmup_ratio": cfg.train.warmup_ratio,
-                       "max_grad_norm": cfg.train.max_grad_norm}, "v": 1}
+                       "max_grad_norm": cfg.train.max_grad_norm}, "v": 2}
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return f"{task}-s{seed}-{digest}"
 
@@ -64,19 +70,21 @@ def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
         dev = pick_device(device)
         tokenizer = load_tokenizer(cfg.teacher.model)
         settings = FitSettings.for_teacher(cfg, seed)
-        data = prepare_data(task, cfg.data, tokenizer, home / "cache" / "data", settings.seed)
+        data = prepare_data(task, cfg.data, tokenizer, home / "cache" / "data", settings.seed,
+                            method="teacher")
         seed_everything(settings.seed)
         model = build_model(cfg.teacher, data.task.num_labels)
         metrics = fit(settings, data.task, data, model, device=dev, callback=callback,
                       pad_id=tokenizer.pad_token_id or 0)
-        dev_metrics = evaluate(model, data.dev, data.task, dev, settings.eval_batch_size,
-                               tokenizer.pad_token_id or 0)
+        # The saved (final) model's scores: what every kd/ikd trial of this seed starts from.
+        scores = {f"{name}/{k}": v for name, split in (("val", data.val), ("dev", data.dev))
+                  for k, v in evaluate(model, split, data.task, dev, settings.eval_batch_size,
+                                       tokenizer.pad_token_id or 0).items()}
         with atomic_path(out) as tmp:  # a crash leaves no half-written teacher behind
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "metrics.json").write_text(json.dumps(
-                {**metrics, **{f"dev/{k}": v for k, v in dev_metrics.items()},
-                 "key": out.name}, indent=1))
+                {**metrics, **scores, "key": out.name}, indent=1))
             (tmp / DONE).write_text("")
     return out
 
@@ -92,13 +100,13 @@ def load_teacher(path: Path) -> PreTrainedModel:
 @torch.no_grad()
 def train_logits(path: Path, data: TaskData, device: torch.device,
                  batch_size: int = 128) -> torch.Tensor:
-    """The fixed teacher's logits for every course row, indexed by the row's `idx`.
+    """The fixed teacher's logits for every row of train - val, indexed by the row's `idx`.
 
     Cached beside the teacher and computed in eval mode under the same autocast as training,
     so it is what a live teacher forward pass gives during kd (up to padding-width rounding;
     the teacher never trains in kd)."""
     cache = Path(path) / "train_logits.pt"
-    rows = data.train.idx
+    rows = data.labelled.idx  # covers the kd course with or without quiz parity
 
     def cached() -> torch.Tensor | None:  # only logits computed for these very rows
         if not cache.exists():
@@ -113,7 +121,7 @@ def train_logits(path: Path, data: TaskData, device: torch.device,
             return hit
         model = load_teacher(path).to(device).eval()
         out = torch.zeros((int(rows.max()) + 1, data.task.num_labels))
-        for batch in iterate(data.train, batch_size, regression=data.task.is_regression):
+        for batch in iterate(data.labelled, batch_size, regression=data.task.is_regression):
             with autocast(device):
                 out[batch["idx"]] = model(**{k: v.to(device) for k, v in
                                              model_inputs(batch).items()}).logits.float().cpu()

@@ -8,9 +8,13 @@ student's parameters before its real update (DESIGN.md, "Order within an exam ro
 
 Features: AdamW with linear warmup/decay (fused on CUDA), bf16 autocast on CUDA, per-batch
 padding with length-grouped batches, losses accumulated on the device (host syncs only at
-logging, evaluation and checkpoint steps), dev evaluation every `eval_every` steps and at each
-epoch end, best/final dev metrics, checkpoint + exact resume (models, optimizers, schedulers,
-step, RNG), and a non-finite loss check at every logging step.
+logging, evaluation and checkpoint steps), val and dev evaluation every `eval_every` steps and at
+each epoch end, checkpoint + exact resume (models, optimizers, schedulers, step, RNG, the
+selection so far), and a non-finite loss check at every logging step.
+
+Selection (DESIGN.md, comparison protocol): the trial's result is its evaluation with the best
+`val/main` (`sel/val_main`, `sel/dev_main`, `sel/step`; ties keep the earlier one). GLUE dev is
+only reported: `best/dev_main` (max over dev) is a diagnostic that never chooses anything.
 
 Metrics leave through a callback, so this module imports neither Ray nor MLflow:
 `callback.log(metrics, step)` for training curves, `callback.report(metrics, step, checkpoint)`
@@ -118,6 +122,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _scores(model: torch.nn.Module, data: TaskData, task: Task, device: torch.device,
+            batch_size: int, pad_id: int) -> dict[str, float]:
+    """`val/<m>` and `dev/<m>` for every task metric m."""
+    return {f"{name}/{k}": v
+            for name, split in (("val", data.val), ("dev", data.dev))
+            for k, v in evaluate(model, split, task, device, batch_size, pad_id).items()}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, task: Task, device: torch.device,
              batch_size: int = 128, pad_id: int = 0) -> dict[str, float]:
@@ -158,7 +170,11 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
         teacher: torch.nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
         device: torch.device, callback: Callback | None = None, pad_id: int = 0,
         checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> dict[str, float]:
-    """Train `student` by `s.method`; return final metrics (`best/dev_main`, `final/dev_*`)."""
+    """Train `student` by `s.method` on `data.train`; return the trial's result.
+
+    Result: `sel/val_main`, `sel/dev_main`, `sel/step` (the evaluation with the best val/main),
+    `final/val_*` and `final/dev_*` (the last evaluation), `best/dev_main` (diagnostic), `steps`.
+    """
     cb = callback or NullCallback()
     reg = task.is_regression
     if s.method == "kd" and teacher is None and teacher_logits is None:
@@ -195,6 +211,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
         teacher_logits = teacher_logits.to(device)
 
     step, quiz_used, best, best_step = 0, 0, -math.inf, 0
+    sel: dict[str, float] = {"sel/val_main": -math.inf, "sel/dev_main": math.nan, "sel/step": 0}
     last_eval: dict[str, float] | None = None
     if resume_from is not None:
         st = torch.load(Path(resume_from) / "state.pt", map_location="cpu", weights_only=False)
@@ -205,6 +222,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
             teacher.load_state_dict(st["teacher"])
             t_opt.load_state_dict(st["t_opt"])
         step, quiz_used, best, best_step = st["step"], st["quiz_used"], st["best"], st["best_step"]
+        sel = st["sel"]  # a resumed trial selects among all its evaluations, not just the new
         random.setstate(st["rng"]["python"])
         np.random.set_state(st["rng"]["numpy"])
         torch.set_rng_state(st["rng"]["torch"])
@@ -315,19 +333,23 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
 
             # ---- evaluation, checkpoint, report
             if step in eval_at:
-                dev = evaluate(student, data.dev, task, device, s.eval_batch_size, pad_id)
-                metrics = {f"dev/{k}": v for k, v in dev.items()}
-                if dev["main"] > best:
-                    best, best_step = dev["main"], step
+                metrics = _scores(student, data, task, device, s.eval_batch_size, pad_id)
+                if metrics["val/main"] > sel["sel/val_main"]:  # strict: ties keep the earlier
+                    sel = {"sel/val_main": metrics["val/main"],
+                           "sel/dev_main": metrics["dev/main"], "sel/step": step}
+                if metrics["dev/main"] > best:
+                    best, best_step = metrics["dev/main"], step
+                metrics.update(sel)
                 metrics.update({"best/dev_main": best, "epoch": step / steps_per_epoch})
                 if s.method == "ikd":
-                    tdev = evaluate(teacher, data.dev, task, device, s.eval_batch_size, pad_id)
-                    metrics["teacher/dev_main"] = tdev["main"]
+                    tsc = _scores(teacher, data, task, device, s.eval_batch_size, pad_id)
+                    metrics["teacher/val_main"] = tsc["val/main"]
+                    metrics["teacher/dev_main"] = tsc["dev/main"]
                 ckpt = None
                 if checkpoint_dir is not None:
                     state = {"student": student.state_dict(), "opt": opt.state_dict(),
                              "sched": sched.state_dict(), "step": step, "quiz_used": quiz_used,
-                             "best": best, "best_step": best_step,
+                             "best": best, "best_step": best_step, "sel": sel,
                              "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                                      "torch": torch.get_rng_state(),
                                      "cuda": torch.cuda.get_rng_state_all() if cuda else None}}
@@ -338,15 +360,17 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                 last_eval = metrics
 
     if last_eval is None:  # resumed from the final checkpoint: nothing left to train
-        last_eval = {f"dev/{k}": v for k, v in
-                     evaluate(student, data.dev, task, device, s.eval_batch_size, pad_id).items()}
+        last_eval = _scores(student, data, task, device, s.eval_batch_size, pad_id)
         if s.method == "ikd":
-            tdev = evaluate(teacher, data.dev, task, device, s.eval_batch_size, pad_id)
-            last_eval["teacher/dev_main"] = tdev["main"]
+            tsc = _scores(teacher, data, task, device, s.eval_batch_size, pad_id)
+            last_eval.update({"teacher/val_main": tsc["val/main"],
+                              "teacher/dev_main": tsc["dev/main"]})
     final = {f"final/{k.replace('/', '_')}": v for k, v in last_eval.items()
-             if k.startswith("dev/")}
+             if k.startswith(("val/", "dev/"))}
+    final.update(sel)
     final.update({"best/dev_main": best, "best/step": best_step, "steps": step})
     if s.method == "ikd":
+        final["final/teacher_val_main"] = last_eval["teacher/val_main"]
         final["final/teacher_dev_main"] = last_eval["teacher/dev_main"]
     for name, split in data.extra_dev.items():
         for k, v in evaluate(student, split, task, device, s.eval_batch_size, pad_id).items():

@@ -24,12 +24,14 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
     dev = pick_device(device)
     seed = trial_seed(cfg, trial)
     tokenizer = load_tokenizer(cfg.teacher.model)
-    data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed, splits)
+    data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed, splits,
+                        method=trial.method)
     teacher = logits = None
-    teacher_dev = None
+    teacher_scores: dict[str, float] = {}
     if trial.method in ("kd", "ikd"):
         tdir = teacher_cache.ensure_teacher(cfg, trial.task, trial.seed, home, device=device)
-        teacher_dev = teacher_cache.teacher_metrics(tdir).get("dev/main")
+        recorded = teacher_cache.teacher_metrics(tdir)
+        teacher_scores = {f"teacher/{k}_main": recorded[f"{k}/main"] for k in ("val", "dev")}
         if trial.method == "kd":
             logits = teacher_cache.train_logits(tdir, data, dev)
         else:
@@ -39,12 +41,12 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
     if student.config.vocab_size < len(tokenizer):
         raise ValueError(f"student vocabulary ({student.config.vocab_size}) is smaller than the "
                          f"teacher tokenizer's ({len(tokenizer)}): they must share a vocabulary")
-    if teacher_dev is not None and callback is not None:
-        callback.log({"teacher/dev_main": teacher_dev}, 0)
+    if teacher_scores and callback is not None:
+        callback.log(teacher_scores, 0)
     result = fit(FitSettings.for_trial(cfg, trial), data.task, data, student, teacher=teacher,
                  teacher_logits=logits, device=dev, callback=callback,
                  pad_id=tokenizer.pad_token_id or 0, checkpoint_dir=checkpoint_dir,
                  resume_from=resume_from)
-    if teacher_dev is not None:
-        result["teacher/initial_dev_main"] = teacher_dev
+    result.update({k.replace("teacher/", "teacher/initial_"): v
+                   for k, v in teacher_scores.items()})
     return result

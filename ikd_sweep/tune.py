@@ -117,7 +117,7 @@ def _prepare_teacher(sweep: SweepConfig, task: str, seed: int, home: str) -> str
     if "kd" in sweep.methods:
         tok = load_tokenizer(sweep.teacher.model)
         data = prepare_data(task, sweep.data, tok, Path(home) / "cache" / "data",
-                            trial_seed(sweep, seed))
+                            trial_seed(sweep, seed), method="kd")
         tc.train_logits(tdir, data, pick_device())
     return str(tdir)
 

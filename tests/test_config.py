@@ -122,9 +122,8 @@ BAD = {
         "    - -1.0e-5",
         "search.teacher_lr.1",
         23,
-        ["greater than 0"],
+        ["greater than or equal to 0"],
     ),
-    "teacher_lr entry zero": (22, "    - 0", "search.teacher_lr.0", 22, ["greater than 0"]),
     "quiz_fraction zero": (6, "  quiz_fraction: 0", "data.quiz_fraction", 6, ["greater than 0"]),
     "quiz_fraction 0.6": (
         6,
@@ -394,6 +393,23 @@ def test_random_search():
         num_samples=5,
     )
     assert expand_trials(again) == trials
+
+
+def test_teacher_lr_zero_is_the_ikd_control():
+    grid = expand_trials(sweep(methods=("ikd",), temperature=(2,), exam_every=(5,),
+                               teacher_lr=(0, 1e-5), seeds=(1,)))
+    assert [(t.teacher_lr, t.trial_id) for t in grid] == [
+        (0, "rte-ikd-s1-T2-E5-tlr0"), (1e-5, "rte-ikd-s1-T2-E5-tlr1e-05")]
+    # random search: log-uniform over the positive values, and a control twin of every draw
+    drawn = expand_trials(sweep(methods=("ikd",), teacher_lr=(0, 1e-6, 1e-4), seeds=(1,),
+                                algorithm="random", num_samples=6))
+    moving = {(t.temperature, t.exam_every) for t in drawn if t.teacher_lr > 0}
+    control = {(t.temperature, t.exam_every) for t in drawn if t.teacher_lr == 0}
+    assert len(drawn) == 12 and moving == control and len(moving) == 6
+    assert all(1e-6 <= t.teacher_lr <= 1e-4 for t in drawn if t.teacher_lr > 0)
+    # a sweep without 0 draws exactly as before the control existed
+    plain = expand_trials(sweep(methods=("ikd",), algorithm="random", num_samples=3))
+    assert len(plain) == 3 * 2 and all(t.teacher_lr > 0 for t in plain)
 
 
 def test_random_teacher_lr_spans_orders_of_magnitude():

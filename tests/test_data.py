@@ -1,7 +1,9 @@
-"""Data: the real GLUE TSVs, malformed files, the quiz split, the token cache and batching."""
+"""Data: the real GLUE TSVs, malformed files, the val/quiz splits and quiz parity, the token cache
+and batching."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -12,13 +14,14 @@ import pytest
 import ikd_sweep.data as data_mod
 from ikd_sweep.config import DataConfig
 from ikd_sweep.data import (
+    COURSE_OF,
     DataError,
     Split,
     batch_order,
+    carve_splits,
     collate,
     load_raw,
     prepare_data,
-    quiz_split,
     read_glue_tsv,
 )
 from ikd_sweep.models import load_tokenizer
@@ -225,46 +228,59 @@ def test_bare_quotes_are_text(tmp_path):
     assert cols["sentence1"] == ['He said "hi.'] and cols["sentence2"] == ['He spoke".']
 
 
-# ----------------------------------------------------------------------------- quiz split
+# ----------------------------------------------------------------------------- val and quiz
 
 
-@pytest.mark.parametrize("name", ["rte", "sst2"])
-def test_quiz_split_is_a_stratified_partition(raw, name):
+def shares(labels: np.ndarray) -> dict:
+    values, counts = np.unique(labels, return_counts=True)
+    return dict(zip(values.tolist(), (counts / counts.sum()).tolist(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["cola", "sst2", "mrpc", "rte"])
+def test_val_and_quiz_are_a_stratified_partition_of_train(raw, name):
     labels = np.asarray(raw(name)["train"]["label"])
     n = len(labels)
-    course, quiz = quiz_split(labels, 0.1, seed=1)
-    assert not set(course) & set(quiz)
-    assert np.array_equal(np.sort(np.concatenate([course, quiz])), np.arange(n))
-    assert abs(len(quiz) - 0.1 * n) <= 1
-    for c in (0, 1):
-        assert abs((labels[quiz] == c).mean() - (labels == c).mean()) < 0.02
-    same_course, same_quiz = quiz_split(labels, 0.1, seed=1)
-    assert np.array_equal(quiz, same_quiz) and np.array_equal(course, same_course)
-    _, other = quiz_split(labels, 0.1, seed=2)
-    assert not np.array_equal(quiz, other)
+    rest, quiz, val = carve_splits(labels, 0.1, 0.1, seed=1)
+    assert not set(rest) & set(quiz) and not set(rest) & set(val) and not set(quiz) & set(val)
+    assert np.array_equal(np.sort(np.concatenate([rest, quiz, val])), np.arange(n))
+    assert len(val) == len(quiz) == math.ceil(0.1 * n)
+    full = shares(labels)
+    for part in (val, quiz, rest):  # every class within 2 percentage points of train's share
+        assert shares(labels[part]).keys() == full.keys()
+        assert all(abs(shares(labels[part])[c] - full[c]) <= 0.02 for c in full)
+    again = carve_splits(labels, 0.1, 0.1, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (rest, quiz, val), strict=True))
+    _, other_quiz, other_val = carve_splits(labels, 0.1, 0.1, seed=2)
+    assert not np.array_equal(val, other_val) and not np.array_equal(quiz, other_quiz)
+    # val is carved first: another quiz_fraction leaves val (and the teacher's rows) alone
+    assert np.array_equal(carve_splits(labels, 0.1, 0.3, seed=1)[2], val)
 
 
-@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5])
-def test_quiz_fraction_is_respected(raw, fraction):
-    labels = np.asarray(raw("rte")["train"]["label"])
-    course, quiz = quiz_split(labels, fraction, seed=0)
-    assert abs(len(quiz) - fraction * len(labels)) <= 1
-    assert len(course) + len(quiz) == len(labels)
+@pytest.mark.parametrize("val_fraction,quiz_fraction", [(0.05, 0.1), (0.2, 0.1), (0.1, 0.35)])
+def test_fractions_are_respected(raw, val_fraction, quiz_fraction):
+    labels = np.asarray(raw("mrpc")["train"]["label"])  # 3668 rows
+    rest, quiz, val = carve_splits(labels, val_fraction, quiz_fraction, seed=0)
+    assert len(val) == math.ceil(val_fraction * 3668)
+    assert len(quiz) == math.ceil(quiz_fraction * 3668)
+    assert len(rest) + len(quiz) + len(val) == 3668
 
 
-def test_regression_quiz_split(raw):
+def test_regression_splits_are_stratified_by_score(raw):
     scores = np.asarray(raw("stsb")["train"]["label"], dtype=float)
-    course, quiz = quiz_split(scores, 0.1, seed=3, regression=True)
-    assert not set(course) & set(quiz)
-    assert len(course) + len(quiz) == len(scores)
-    assert abs(len(quiz) - 0.1 * len(scores)) <= 1
-    # stratified by score quintile: the quiz's score distribution follows train's
-    assert abs(scores[quiz].mean() - scores.mean()) < 0.15
+    rest, quiz, val = carve_splits(scores, 0.1, 0.1, seed=3, regression=True)
+    assert len(set(rest) | set(quiz) | set(val)) == len(scores) == len(rest) + len(quiz) + len(val)
     edges = np.quantile(scores, [0.2, 0.4, 0.6, 0.8])
-    share = np.bincount(np.digitize(scores[quiz], edges), minlength=5) / len(quiz)
     full = np.bincount(np.digitize(scores, edges), minlength=5) / len(scores)
-    assert np.abs(share - full).max() < 0.02
-    assert np.array_equal(quiz, quiz_split(scores, 0.1, seed=3, regression=True)[1])
+    for part in (quiz, val):
+        share = np.bincount(np.digitize(scores[part], edges), minlength=5) / len(part)
+        assert np.abs(share - full).max() <= 0.02
+        assert abs(scores[part].mean() - scores.mean()) < 0.15
+    assert np.array_equal(val, carve_splits(scores, 0.1, 0.1, seed=3, regression=True)[2])
+
+
+def test_too_few_rows_to_carve_is_a_clear_error():
+    with pytest.raises(DataError, match="4 training rows leave none.*data.max_train_samples"):
+        carve_splits(np.array([0, 1, 0, 1]), 0.5, 0.4, seed=0)
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -273,14 +289,14 @@ def test_regression_quiz_split(raw):
 def test_prepare_data_tokenizes_once_and_caches(glue_dir, tokenizer, tmp_path, monkeypatch):
     cfg = glue(glue_dir, max_length=64, max_train_samples=200, max_eval_samples=100)
     cache = tmp_path / "cache"
-    first = prepare_data("rte", cfg, tokenizer, cache, seed=1)
-    assert len(first.train) + len(first.quiz) == 200
-    assert len(first.quiz) == 20
-    assert not set(first.train.idx) & set(first.quiz.idx)
-    assert Counter(first.quiz.labels.tolist()) == {0: 10, 1: 10}
+    first = prepare_data("rte", cfg, tokenizer, cache, seed=1, method="ikd")
+    assert len(first.train) + len(first.quiz) + len(first.val) == 200
+    assert len(first.quiz) == len(first.val) == 20
+    assert Counter(first.quiz.labels.tolist()) == Counter(first.val.labels.tolist()) == {
+        0: 10, 1: 10}
     assert len(first.dev) == 100
     assert first.extra_dev == {}
-    for split in (first.train, first.quiz, first.dev):
+    for split in (first.train, first.quiz, first.val, first.dev):
         lengths = [len(ids) for ids in split.input_ids]
         assert max(lengths) <= 64
         assert split.token_type_ids is not None
@@ -303,18 +319,59 @@ def test_prepare_data_tokenizes_once_and_caches(glue_dir, tokenizer, tmp_path, m
         raise AssertionError("load_raw called although the tokenized splits are cached")
 
     monkeypatch.setattr(data_mod, "load_raw", no_reload)
-    second = prepare_data("rte", cfg, tokenizer, cache, seed=1)
+    second = prepare_data("rte", cfg, tokenizer, cache, seed=1, method="ikd")
     assert second.train.input_ids == first.train.input_ids
     assert np.array_equal(second.quiz.idx, first.quiz.idx)
+    assert np.array_equal(second.val.idx, first.val.idx)
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == made
     # another seed reuses the same cache, but draws other rows
-    other = prepare_data("rte", cfg, tokenizer, cache, seed=2)
+    other = prepare_data("rte", cfg, tokenizer, cache, seed=2, method="ikd")
     assert not np.array_equal(other.quiz.idx, first.quiz.idx)
+    assert not np.array_equal(other.val.idx, first.val.idx)
     # another max_length is another cache entry: it needs the raw data again
     with pytest.raises(AssertionError, match="load_raw called"):
         prepare_data(
-            "rte", glue(glue_dir, max_length=32, max_train_samples=200), tokenizer, cache, seed=1
+            "rte", glue(glue_dir, max_length=32, max_train_samples=200), tokenizer, cache, seed=1,
+            method="ikd",
         )
+
+
+# Rows each method trains on, by hand for 200 subsampled RTE rows: val = ceil(0.1 * 200) = 20,
+# quiz = 20, rest = 200 - 20 - 20 = 160; train - val = 160 + 20 = 180.
+ROWS_BY_METHOD = {
+    True: {"teacher": 180, "finetune": 180, "kd": 180, "ikd": 160},
+    False: {"teacher": 180, "finetune": 160, "kd": 160, "ikd": 160},
+}
+
+
+@pytest.mark.parametrize("parity", [True, False])
+def test_quiz_parity_decides_who_trains_on_the_quiz_rows(glue_dir, tokenizer, tmp_path, parity):
+    cfg = glue(glue_dir, max_length=64, max_train_samples=200, max_eval_samples=100,
+               quiz_parity=parity)
+    got = {m: prepare_data("rte", cfg, tokenizer, tmp_path, seed=1, method=m) for m in COURSE_OF}
+    assert {m: len(d.train) for m, d in got.items()} == ROWS_BY_METHOD[parity]
+    ikd = got["ikd"]
+    val, quiz = set(ikd.val.idx), set(ikd.quiz.idx)
+    for m, d in got.items():  # one carve per seed: every method selects on the same val rows
+        assert np.array_equal(d.val.idx, ikd.val.idx) and np.array_equal(d.quiz.idx, ikd.quiz.idx)
+        assert not set(d.train.idx) & val  # no one trains on the selection data
+        assert len(d.labelled) == 180 and not set(d.labelled.idx) & val
+        assert set(d.train.idx) <= set(d.labelled.idx)  # kd's cached logits cover every course
+        uses_quiz = m == "teacher" or (parity and m != "ikd")
+        assert (quiz <= set(d.train.idx)) if uses_quiz else not (quiz & set(d.train.idx))
+    # GLUE dev is its own file: the same 100 dev rows for everyone, none of them a train row
+    raw = load_raw(get_task("rte"), cfg)
+    dev_pairs = {(raw["dev"]["sentence1"][i], raw["dev"]["sentence2"][i]) for i in ikd.dev.idx}
+    train_pairs = {(raw["train"]["sentence1"][i], raw["train"]["sentence2"][i])
+                   for i in ikd.labelled.idx.tolist() + ikd.val.idx.tolist()}
+    assert len(dev_pairs) == 100 and not dev_pairs & train_pairs
+    assert all(np.array_equal(d.dev.idx, ikd.dev.idx) for d in got.values())
+
+
+def test_unknown_course_method_names_the_valid_ones(glue_dir, tokenizer, tmp_path):
+    cfg = glue(glue_dir, max_length=64, max_train_samples=200)
+    with pytest.raises(ValueError, match="'distil' is not one of teacher, finetune, kd, ikd"):
+        prepare_data("rte", cfg, tokenizer, tmp_path, seed=1, method="distil")
 
 
 # ----------------------------------------------------------------------------- batching

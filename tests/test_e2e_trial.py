@@ -66,7 +66,8 @@ def setup(tmp_path_factory):
     t0 = time.perf_counter()
     tdir = teacher_cache.ensure_teacher(cfg, "sst2", 1, home, device=CPU)
     teacher_dev = teacher_cache.teacher_metrics(tdir)["dev/main"]
-    data = prepare_data("sst2", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1)
+    data = prepare_data("sst2", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1,
+                        method="kd")
     majority = float(np.bincount(data.dev.labels).max() / len(data.dev.labels))
     print(f"\nteacher: dev acc {teacher_dev:.4f}, majority {majority:.4f}, "
           f"{len(data.train)} course rows, {time.perf_counter() - t0:.0f} s")
@@ -83,10 +84,15 @@ def test_trial_beats_the_majority_baseline(setup, method):
     t0 = time.perf_counter()
     result = run_trial(cfg, Trial("sst2", method, 1, temperature=2.0, **kw), home=home,
                        callback=rec, device=CPU)
-    print(f"{method}: dev acc {result['final/dev_main']:.4f} (best {result['best/dev_main']:.4f},"
-          f" majority {majority:.4f}), {time.perf_counter() - t0:.0f} s")
-    assert result["steps"] == 3 * math.ceil(900 / 32)
+    print(f"{method}: dev acc {result['final/dev_main']:.4f} (selected on val: step "
+          f"{result['sel/step']}, val {result['sel/val_main']:.4f}, dev "
+          f"{result['sel/dev_main']:.4f}; best dev {result['best/dev_main']:.4f}, majority "
+          f"{majority:.4f}), {time.perf_counter() - t0:.0f} s")
+    # 1000 rows: 100 val, 100 quiz; kd trains on the other 900 (quiz parity), ikd on 800
+    assert result["steps"] == 3 * math.ceil((900 if method == "kd" else 800) / 32)
     assert result["teacher/initial_dev_main"] == teacher_dev
+    assert result["sel/val_main"] > majority + MARGIN  # the checkpoint chosen on val ...
+    assert result["sel/dev_main"] > majority + MARGIN  # ... is good on dev too
     assert result["final/dev_main"] > majority + MARGIN
     assert result["best/dev_main"] >= result["final/dev_main"]
     assert rec.dev and rec.dev[-1] == result["final/dev_main"]

@@ -1,5 +1,6 @@
-"""The teacher cache: fine-tune once per (task, seed, settings), also across processes, and
-the kd logit cache, which must train the same student as live teacher forward passes.
+"""The teacher cache: fine-tune once per (task, seed, settings) on train - val, also across
+processes, with its val and dev scores, and the kd logit cache, which must cover every kd course
+row and train the same student as live teacher forward passes.
 
 Tiny random-init BERTs on subsampled real RTE, CPU, seconds per test (the two-process test
 pays for starting two Python interpreters).
@@ -13,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,15 +80,24 @@ def teacher_folders(home: Path) -> list[Path]:
     return sorted(p for p in (home / "cache" / "teachers").iterdir() if p.is_dir())
 
 
+class Fits(list):
+    """The methods of the teacher cache's fine-tuning runs, and in `.data` what each trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: list = []
+
+
 @pytest.fixture
-def teacher_fits(monkeypatch) -> list[str]:
+def teacher_fits(monkeypatch) -> Fits:
     """Counts the fine-tuning runs of the teacher cache (its own reference to `fit`)."""
-    calls: list[str] = []
+    calls = Fits()
     real = teacher_cache.fit
 
-    def counting(settings, *args, **kwargs):
+    def counting(settings, task, data, *args, **kwargs):
         calls.append(settings.method)
-        return real(settings, *args, **kwargs)
+        calls.data.append(data)
+        return real(settings, task, data, *args, **kwargs)
 
     monkeypatch.setattr(teacher_cache, "fit", counting)
     return calls
@@ -103,7 +114,19 @@ def test_two_trials_share_one_fine_tuned_teacher(home, teacher_fits):
     (folder,) = teacher_folders(home)
     assert (folder / teacher_cache.DONE).is_file() and (folder / "train_logits.pt").is_file()
     assert folder.name == teacher_cache.teacher_key(cfg, "rte", 1)
-    assert teacher_cache.teacher_metrics(folder)["dev/main"] > 0
+    # It learned from train - val (quiz rows included), never from the trial's val rows, and
+    # recorded its scores on that val and on dev.
+    (taught,) = teacher_fits.data
+    trial = prepare_data("rte", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1,
+                         method="ikd")
+    assert len(taught.train) == 180 and not set(taught.train.idx) & set(trial.val.idx)
+    assert set(trial.quiz.idx) <= set(taught.train.idx)
+    assert np.array_equal(taught.val.idx, trial.val.idx)
+    recorded = teacher_cache.teacher_metrics(folder)
+    teacher = teacher_cache.load_teacher(folder)
+    for name, split in (("val", trial.val), ("dev", trial.dev)):
+        assert recorded[f"{name}/main"] == evaluate(teacher, split, trial.task,
+                                                    torch.device(CPU))["main"]
 
     # Another seed is another teacher; a student-side change (temperature, method) is not.
     run_trial(cfg, Trial("rte", "kd", 2, temperature=4.0), home=home, device=CPU)
@@ -115,13 +138,17 @@ def test_teacher_key_names_what_changes_the_teacher():
     cfg = sweep()
     key = teacher_cache.teacher_key(cfg, "rte", 1)
     assert key == teacher_cache.teacher_key(sweep(), "rte", 1)  # stable across processes
+    # quiz_fraction and quiz_parity only move rows between students' courses: the teacher
+    # learns from train - val either way.
     same = [sweep(student={"config": {"hidden_size": 32}}), sweep(train={"lr": 1.0},
-            search={"temperature": [8]}, methods=["kd"]), sweep(data={"max_eval_samples": 50})]
+            search={"temperature": [8]}, methods=["kd"]), sweep(data={"quiz_fraction": 0.2}),
+            sweep(data={"quiz_parity": False})]
     for other in same:
         assert teacher_cache.teacher_key(other, "rte", 1) == key
     different = [sweep(teacher={"lr": 2e-3}), sweep(teacher={"epochs": 2}),
                  sweep(data={"max_train_samples": 300}), sweep(data={"max_length": 32}),
-                 sweep(data={"quiz_fraction": 0.2}), sweep(train={"seed_base": 10})]
+                 sweep(data={"val_fraction": 0.2}), sweep(train={"seed_base": 10}),
+                 sweep(data={"max_eval_samples": 50})]  # its recorded dev score changes
     for other in different:
         assert teacher_cache.teacher_key(other, "rte", 1) != key
     assert teacher_cache.teacher_key(cfg, "rte", 2) != key
@@ -180,7 +207,8 @@ def test_two_processes_at_once_train_the_teacher_once(home, tmp_path):
 def test_train_logits_are_the_teachers_and_computed_once(home, monkeypatch):
     cfg = sweep()
     tdir = teacher_cache.ensure_teacher(cfg, "rte", 1, home, device=CPU)
-    data = prepare_data("rte", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1)
+    data = prepare_data("rte", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1,
+                        method="kd")
     logits = teacher_cache.train_logits(tdir, data, torch.device(CPU))
     teacher = teacher_cache.load_teacher(tdir).eval()
     with torch.no_grad():  # a live forward pass on training-sized batches
@@ -195,6 +223,13 @@ def test_train_logits_are_the_teachers_and_computed_once(home, monkeypatch):
 
     monkeypatch.setattr(teacher_cache, "load_teacher", no_teacher)
     assert torch.equal(teacher_cache.train_logits(tdir, data, torch.device(CPU)), logits)
+    # Without quiz parity kd trains on fewer rows: the same cached logits cover them.
+    off = sweep(data={"quiz_parity": False})
+    assert teacher_cache.teacher_dir(off, "rte", 1, home) == tdir
+    fewer = prepare_data("rte", off.data, load_tokenizer("minilm"), home / "cache" / "data", 1,
+                         method="kd")
+    assert len(fewer.train) == 160 and set(fewer.train.idx) < set(data.train.idx)
+    assert torch.equal(teacher_cache.train_logits(tdir, fewer, torch.device(CPU)), logits)
 
 
 def test_logit_cache_trains_the_same_student_as_a_live_teacher(home):
@@ -210,7 +245,8 @@ def test_logit_cache_trains_the_same_student_as_a_live_teacher(home):
     cfg = sweep()
     device = torch.device(CPU)
     tdir = teacher_cache.ensure_teacher(cfg, "rte", 1, home, device=CPU)
-    data = prepare_data("rte", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1)
+    data = prepare_data("rte", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1,
+                        method="kd")
     settings = FitSettings.for_trial(cfg, KD)
     students, results = [], []
     for source in ({"teacher_logits": teacher_cache.train_logits(tdir, data, device)},

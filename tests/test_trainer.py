@@ -1,8 +1,9 @@
 """The trainer on tiny random-init BERTs and subsampled real RTE (CPU, seconds per test).
 
-Covers: reproducibility per seed, exact resume (kd and ikd), non-finite losses (library and
-CLI), the metric names the callback promises, that ikd trains the teacher (and kd never
-does), the exam-step count, and every exam estimator.
+Covers: reproducibility per seed, exact resume (kd and ikd, and the selection made before an
+interruption), non-finite losses (library and CLI), the metric names the callback promises,
+the checkpoint chosen on val and never on dev, that ikd trains the teacher (and kd and the
+teacher_lr 0 control never do), the exam-step count, and every exam estimator.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ pytestmark = pytest.mark.skipif(
     not (GLUE / "RTE" / "train.tsv").is_file(), reason=f"GLUE data not found at {GLUE}"
 )
 CPU = "cpu"
-# 200 RTE rows -> 180 course rows + 20 quiz rows; batch 16 -> 12 steps (last batch of 4).
-STEPS = 12
+# 200 RTE rows -> 20 val + 20 quiz + 160 rest. With quiz parity finetune and kd train on
+# 180 rows (batch 16 -> 12 steps, last batch of 4), ikd on 160 (10 steps).
+STEPS = {"finetune": 12, "kd": 12, "ikd": 10}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -200,7 +202,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(home, method):
     expected = run_trial(
         cfg, trial(method), home=home, callback=full, checkpoint_dir=home / "full", device=CPU
     )
-    assert expected["steps"] == STEPS
+    assert expected["steps"] == STEPS[method]
 
     ckpt = home / "interrupted"
     with pytest.raises(Interrupted):
@@ -222,16 +224,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(home, method):
         resume_from=ckpt,
         device=CPU,
     )
-    assert got == expected  # exactly, on CPU
+    assert got == expected  # exactly, on CPU, the selection (sel/*) included
     # It really resumed (no evaluation before step 8 again) and replayed the same steps.
-    assert [s for s, _, _ in resumed.reports] == [12]
+    assert [s for s, _, _ in resumed.reports] == [STEPS[method]]
     assert resumed.reports[0][1] == full.reports[-1][1]
     assert resumed.curve(after=8) == full.curve(after=8)
     end, want = load_state(ckpt), load_state(home / "full")
     assert_same_tensors(end["student"], want["student"])
     if method == "ikd":  # the teacher kept learning from where it was
         assert_same_tensors(end["teacher"], want["teacher"])
-        assert end["quiz_used"] == want["quiz_used"] == STEPS // 2
+        assert end["quiz_used"] == want["quiz_used"] == STEPS["ikd"] // 2
 
 
 # ----------------------------------------------------------------------------- non-finite loss
@@ -249,7 +251,7 @@ def test_nan_loss_raises_naming_the_step(home, monkeypatch):
 
     # kd calls course_loss twice per step (loss, then the logged KD term): call 3 is step 2.
     monkeypatch.setattr(trainer, "course_loss", nan_on_third_call)
-    with pytest.raises(NonFiniteLoss, match=rf"step 2 of {STEPS}\b.*train/loss=nan"):
+    with pytest.raises(NonFiniteLoss, match=rf"step 2 of {STEPS['kd']}\b.*train/loss=nan"):
         run_trial(sweep(), trial("kd"), home=home, device=CPU)
 
 
@@ -291,25 +293,118 @@ def test_callback_receives_the_promised_metric_names(home, method):
     logged = {k for _, m in rec.logs for k in m}
     reported = {k for _, m, _ in rec.reports for k in m}
     assert {"train/loss", "samples_per_s"} <= logged
-    assert {"dev/main", "dev/accuracy", "best/dev_main"} <= reported
+    assert {"val/main", "val/accuracy", "dev/main", "dev/accuracy", "best/dev_main"} <= reported
+    assert {"sel/val_main", "sel/dev_main", "sel/step"} <= reported
     distill = {"train/kd_loss"}
+    teacher = {"teacher/val_main", "teacher/dev_main"}
     ikd_only = {"exam/loss"}
     if method == "finetune":
-        assert not (distill | ikd_only | {"teacher/dev_main"}) & (logged | reported)
+        assert not (distill | ikd_only | teacher) & (logged | reported)
     else:
         assert distill <= logged
-        assert "teacher/dev_main" in logged  # the cached teacher's dev score, at step 0
+        assert teacher <= logged  # the cached teacher's val and dev scores, at step 0
+        assert {"teacher/initial_val_main", "teacher/initial_dev_main"} <= result.keys()
     if method == "ikd":
         assert ikd_only <= logged
-        assert "teacher/dev_main" in reported  # the teacher changes: evaluated with the student
+        assert teacher <= reported  # the teacher changes: evaluated with the student
+        assert {"final/teacher_val_main", "final/teacher_dev_main"} <= result.keys()
     else:
         assert not ikd_only & logged
     for _, m in rec.logs:
         assert all(math.isfinite(v) for v in m.values())
-    assert [s for s, _, _ in rec.reports] == [4, 8, 12]
-    assert {"final/dev_main", "final/dev_accuracy", "best/dev_main"} <= result.keys()
+    assert [s for s, _, _ in rec.reports] == [4, 8, STEPS[method]]
+    assert {"final/dev_main", "final/dev_accuracy", "final/val_main", "best/dev_main"} <= (
+        result.keys())
     assert result["best/dev_main"] == max(m["dev/main"] for _, m, _ in rec.reports)
     assert result["final/dev_main"] == rec.reports[-1][1]["dev/main"]
+    # the result is the evaluation with the best val/main, reported with its dev score
+    chosen = max(rec.reports, key=lambda r: r[1]["val/main"])  # max keeps the first of ties
+    assert (result["sel/step"], result["sel/val_main"], result["sel/dev_main"]) == (
+        chosen[0], chosen[1]["val/main"], chosen[1]["dev/main"])
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+class StepRecorder(Recorder):
+    """Knows the current step: fit logs at every evaluation step just before it evaluates."""
+
+    step = 0
+
+    def log(self, metrics, step) -> None:
+        super().log(metrics, step)
+        self.step = step
+
+
+@pytest.fixture
+def scripted_scores(monkeypatch):
+    """Replaces the trainer's evaluation with given val and dev scores per step, so that val and
+    dev can disagree on purpose. Returns a function that installs the script for a callback."""
+    prepared: list = []
+    real_prepare = trainer.prepare_data
+
+    def keeping(*args, **kwargs):
+        prepared.append(real_prepare(*args, **kwargs))
+        return prepared[-1]
+
+    monkeypatch.setattr(trainer, "prepare_data", keeping)
+
+    def install(rec: StepRecorder, val: dict[int, float], dev: dict[int, float]) -> None:
+        def evaluate(model, split, task, device, batch_size=128, pad_id=0):
+            data = prepared[-1]
+            assert split is data.val or split is data.dev
+            score = (val if split is data.val else dev)[rec.step]
+            return {"main": score, "accuracy": score}
+
+        monkeypatch.setattr(trainer, "evaluate", evaluate)
+
+    return install
+
+
+def test_the_checkpoint_is_chosen_on_val_not_on_dev(home, scripted_scores):
+    # dev is best at step 4, val at step 8 (and ties at 12: the earlier checkpoint stays).
+    val = {4: 0.60, 8: 0.70, 12: 0.70}
+    dev = {4: 0.90, 8: 0.55, 12: 0.80}
+    rec = StepRecorder()
+    scripted_scores(rec, val, dev)
+    result = run_trial(sweep(), trial("finetune"), home=home, callback=rec, device=CPU)
+    assert (result["sel/step"], result["sel/val_main"], result["sel/dev_main"]) == (8, 0.70, 0.55)
+    assert result["best/dev_main"] == 0.90  # the diagnostic max over dev, chosen by nothing
+    assert result["final/dev_main"] == 0.80 and result["final/val_main"] == 0.70
+    running = [(s, m["sel/step"], m["sel/dev_main"]) for s, m, _ in rec.reports]
+    assert running == [(4, 4, 0.90), (8, 8, 0.55), (12, 8, 0.55)]
+    assert [m["val/main"] for _, m, _ in rec.reports] == [0.60, 0.70, 0.70]
+
+
+def test_resume_keeps_the_selection_made_before_the_interruption(home, scripted_scores):
+    # val is best at step 4, before the interruption after step 8; dev is best at step 8.
+    val = {4: 0.80, 8: 0.60, 12: 0.70}
+    dev = {4: 0.50, 8: 0.90, 12: 0.60}
+    cfg = sweep()
+    full = StepRecorder()
+    scripted_scores(full, val, dev)
+    expected = run_trial(cfg, trial("finetune"), home=home, callback=full,
+                         checkpoint_dir=home / "full", device=CPU)
+    assert (expected["sel/step"], expected["sel/dev_main"]) == (4, 0.50)
+
+    class Interrupting(StepRecorder, InterruptAt):
+        pass
+
+    ckpt = home / "interrupted"
+    stop = Interrupting(2)
+    scripted_scores(stop, val, dev)
+    with pytest.raises(Interrupted):
+        run_trial(cfg, trial("finetune"), home=home, callback=stop, checkpoint_dir=ckpt,
+                  device=CPU)
+    resumed = StepRecorder()
+    scripted_scores(resumed, val, dev)
+    got = run_trial(cfg, trial("finetune"), home=home, callback=resumed, checkpoint_dir=ckpt,
+                    resume_from=ckpt, device=CPU)
+    assert [s for s, _, _ in resumed.reports] == [12]  # step 4 was not evaluated again ...
+    assert resumed.reports[0][1]["sel/step"] == 4  # ... yet it is still the selected one
+    assert {k: v for k, v in got.items() if k.startswith(("sel/", "best/", "final/"))} == {
+        k: v for k, v in expected.items() if k.startswith(("sel/", "best/", "final/"))}
+    assert got == expected
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -359,8 +454,8 @@ def test_ikd_updates_the_teacher_every_exam_every_steps(
     tdir = teacher_cache.ensure_teacher(cfg, "rte", 1, home, device=CPU)
     cached = files_digest(tdir)
     result = run_trial(cfg, trial("ikd", exam_every=exam_every), home=home, device=CPU)
-    assert result["steps"] == STEPS
-    assert len(exam_calls) == STEPS // exam_every
+    assert result["steps"] == STEPS["ikd"]
+    assert len(exam_calls) == STEPS["ikd"] // exam_every
     (live,) = loaded_teachers
     fresh = params(teacher_cache.load_teacher(tdir))
     moved = changed(fresh, params(live))
@@ -379,7 +474,7 @@ def test_kd_never_changes_the_teacher(home, exam_calls):
 
     # kd with a live teacher: fit must leave it exactly as it was.
     tokenizer = load_tokenizer(cfg.teacher.model)
-    data = prepare_data("rte", cfg.data, tokenizer, home / "cache" / "data", 1)
+    data = prepare_data("rte", cfg.data, tokenizer, home / "cache" / "data", 1, method="kd")
     teacher = teacher_cache.load_teacher(tdir)
     before = params(teacher)
     seed_everything(1)
@@ -394,6 +489,32 @@ def test_kd_never_changes_the_teacher(home, exam_calls):
     )
     assert changed(before, params(teacher)) == []
     assert exam_calls == []
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes: tells -0.0 from 0.0 and compares NaNs, unlike torch.equal."""
+    return t.detach().contiguous().view(torch.uint8)
+
+
+def test_teacher_lr_zero_control_runs_the_exams_but_never_moves_the_teacher(
+    home, exam_calls, loaded_teachers
+):
+    cfg = sweep(search={"teacher_lr": [0]})
+    control = Trial("rte", "ikd", 1, temperature=2.0, exam_every=2, teacher_lr=0.0)
+    rec = Recorder()
+    result = run_trial(cfg, control, home=home, callback=rec, device=CPU)
+    assert len(exam_calls) == STEPS["ikd"] // 2  # the same code path as ikd: exams happen
+    assert all(math.isfinite(m["exam/loss"]) for _, m in rec.logs if "exam/loss" in m)
+    (live,) = loaded_teachers
+    cached = teacher_cache.load_teacher(teacher_cache.teacher_dir(cfg, "rte", 1, home))
+    for (name, a), (_, b) in zip(live.named_parameters(), cached.named_parameters(),
+                                 strict=True):
+        assert torch.equal(bits(a), bits(b)), name
+    # so the teacher scores it reports never change from the cached teacher's
+    assert {m["teacher/dev_main"] for _, m, _ in rec.reports} == {
+        result["teacher/initial_dev_main"]}
+    assert {m["teacher/val_main"] for _, m, _ in rec.reports} == {
+        result["teacher/initial_val_main"]}
 
 
 # ----------------------------------------------------------------------------- estimators
