@@ -88,8 +88,12 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
     if s.algorithm == "grid":
         return [dict(zip(used, p, strict=True))
                 for p in itertools.product(*(getattr(s, h) for h in used))]
+    # teacher_lr 0 is the control (a teacher that never moves), not the end of a range.
+    moving_lrs = [lr for lr in s.teacher_lr if lr > 0]
+
     def draw(h: str) -> float | int:  # random search: the range a list spans
-        lo, hi = min(getattr(s, h)), max(getattr(s, h))
+        values = moving_lrs if h == "teacher_lr" else getattr(s, h)
+        lo, hi = min(values), max(values)
         if h == "exam_every":
             return rng.randint(lo, hi)
         if h == "teacher_lr":  # log-uniform
@@ -97,7 +101,16 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
         return round(rng.uniform(lo, hi), 3)
 
     n = s.num_samples if used else 1
-    points = [tuple((h, draw(h)) for h in used) for _ in range(n)]
+    points = []
+    for _ in range(n):
+        p = {h: draw(h) for h in used if h != "teacher_lr" or moving_lrs}
+        if "teacher_lr" in used:
+            if moving_lrs:
+                points.append(tuple(p.items()))
+            if 0 in s.teacher_lr:  # the control, paired with the same other hyperparameters
+                points.append(tuple({**p, "teacher_lr": 0.0}.items()))
+        else:
+            points.append(tuple(p.items()))
     return [dict(p) for p in dict.fromkeys(points)]  # a repeated draw is one trial, not two
 
 
