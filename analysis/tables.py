@@ -185,8 +185,9 @@ def prepare(frame: pd.DataFrame | None, columns: tuple[str, ...] = RUN_COLUMNS) 
         if h in out.columns:
             out[h] = pd.to_numeric(out[h], errors="coerce").astype(float)
     if "phase" in out.columns:
-        phase = out["phase"].astype(object)
-        out["phase"] = phase.where(phase.notna(), "search").astype("str")
+        if out["phase"].isna().any():
+            phase = out["phase"].astype(object)
+            out["phase"] = phase.where(phase.notna(), "search").astype("str")
         bad = sorted(str(v) for v in pd.unique(out["phase"]) if v not in PHASES)
         if bad:
             raise ValueError(f"column 'phase' has {bad}; valid values: {', '.join(PHASES)}")
@@ -429,17 +430,26 @@ def _reported(ix: _Index, picked: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
 # ------------------------------------------------------------------------------------------
 
 
-def _stream(task: str, a: str, b: str) -> np.random.Generator:
-    # Seeded by names, not by position: a task's CI does not depend on which other tasks the
-    # report holds.
-    return np.random.default_rng(zlib.crc32(f"{task}\0{a}\0{b}".encode()))
+def _resample_indices(keys: np.ndarray, n_boot: int, size: int) -> np.ndarray:
+    """Bootstrap indices in [0, size), shape (len(keys), n_boot, size): a counter-based random
+    stream (SplitMix64) per key. Each task's draws depend on its key alone, not on which other
+    tasks the report holds, and all tasks are drawn in one array operation."""
+    counter = np.arange(n_boot * size, dtype=np.uint64).reshape(1, n_boot, size)
+    x = (keys.astype(np.uint64)[:, None, None] << np.uint64(32)) + counter
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    # Top 53 bits as a uniform in [0, 1), scaled to an index.
+    return ((x >> np.uint64(11)).astype(np.float64) * (size / 2.0**53)).astype(np.int64)
 
 
 def _bootstrap_means(
     parts: dict[str, np.ndarray], tasks: list[str], a: str, b: str, n_boot: int
 ) -> dict[str, np.ndarray]:
-    """Per task with 2+ pairs: ``n_boot`` means of its differences resampled with replacement.
-    Tasks with the same number of pairs are gathered in one array operation."""
+    """Per task with 2+ pairs: ``n_boot`` means of its differences resampled with replacement,
+    seeded by the task and comparison names. Tasks with the same number of pairs are resampled
+    together."""
     by_size: dict[int, list[str]] = {}
     for task in tasks:
         d = parts.get(task)
@@ -450,9 +460,8 @@ def _bootstrap_means(
         for lo in range(0, len(names), 256):  # bounded memory: 256 × n_boot × size
             chunk = names[lo : lo + 256]
             data = np.stack([parts[t] for t in chunk])
-            idx = np.stack(
-                [_stream(t, a, b).integers(0, size, (n_boot, size), dtype=np.int16) for t in chunk]
-            )
+            keys = np.array([zlib.crc32(f"{t}\0{a}\0{b}".encode()) for t in chunk])
+            idx = _resample_indices(keys, n_boot, size)
             means = data[np.arange(len(chunk))[:, None, None], idx].mean(axis=2)
             out.update(zip(chunk, means, strict=True))
     return out
