@@ -154,7 +154,7 @@ def comparisons_table(report: Report) -> pd.DataFrame:
                 "Paired difference": _signed(r["diff"], scale),
                 "95% CI": _ci(r, scale).strip() or "–",
                 "Shared seeds": int(r["n_pairs"]),
-                "t": "–" if pd.isna(r["t"]) else f"{r['t']:.2f}",
+                "t": "–" if pd.isna(r["t"]) else f"{r['t']:.2f}".replace("-", "−"),
                 "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.4f}",
                 "p (Holm)": "–" if pd.isna(r["p_holm"]) else f"{r['p_holm']:.4f}",
                 "Settings a / b": f"{int(r['n_settings_a'])} / {int(r['n_settings_b'])}",
@@ -377,8 +377,8 @@ def _budget_note(report: Report) -> str:
     return (
         "Expected dev score of the setting a method would have selected on val had it tried only "
         "n of its settings (drawn without replacement; exact over the val ranks, Dodge et al. "
-        "2019). n per task: the smallest number of settings a tuned method had "
-        "(n=used/tried in each cell)."
+        "2019). n per task: the smallest number of settings a tuned method had; each cell shows "
+        "n=used/pooled (a setting none of whose seeds finished is not in the pool)."
     )
 
 

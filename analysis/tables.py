@@ -761,7 +761,7 @@ def _status(ix: _Index) -> pd.DataFrame:
     status = runs["status"]
     ids = pd.concat([runs["trial_id"], exp["trial_id"]], ignore_index=True)
     codes = pd.factorize(ids)[0]  # -1 for a missing trial id
-    seen = np.zeros(codes.max() + 2, dtype=bool)
+    seen = np.zeros(codes.max(initial=-1) + 2, dtype=bool)
     seen[codes[: len(runs)]] = True
     seen[-1] = False
     counts = {
