@@ -600,17 +600,20 @@ def _average_row(
 
 
 def glue_average(selected: pd.DataFrame, methods: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Per method, the mean of its per-task reported means, over the tasks every method has."""
+    """Per method, the mean of its per-task reported means over the tasks every method (the
+    control aside) has; the control gets an average only when it has all of them."""
     columns = ["method", "mean", "n_tasks"]
     have = selected[selected["n"] > 0] if not selected.empty else selected
     if have.empty or not methods:
         return pd.DataFrame(columns=columns), []
-    per_method = [set(have.loc[have["method"].eq(m), "task"]) for m in methods]
-    shared = task_order(list(set.intersection(*per_method)))
+    tasks_of = {m: set(have.loc[have["method"].eq(m), "task"]) for m in methods}
+    # A control run on a few tasks only must not shrink everyone's average.
+    core = [m for m in methods if m != CONTROL] or methods
+    shared = task_order(list(set.intersection(*(tasks_of[m] for m in core))))
     if not shared:
         return pd.DataFrame(columns=columns), []
     means = have[have["task"].isin(shared)].groupby("method")["mean"].mean()
-    rows = [[m, float(means[m]), len(shared)] for m in methods]
+    rows = [[m, float(means[m]), len(shared)] for m in methods if set(shared) <= tasks_of[m]]
     return pd.DataFrame(rows, columns=columns), shared
 
 

@@ -66,6 +66,8 @@ def main() -> None:
         task_diff += list(tasks["diff"].astype(float) * 100)
     elapsed = time.perf_counter() - start
     avg_a, p = np.array(avg), np.array(task_p)
+    # A sweep has no Avg difference when a task has no pair (all its IKD seeds failed).
+    has_avg = np.isfinite(avg_a)
     tested = p[np.isfinite(p)]
     print(
         f"sweeps={args.sweeps} tasks={args.tasks} search_seeds={args.seeds} "
@@ -74,11 +76,11 @@ def main() -> None:
         f"effect={args.effect:+g}pt"
     )
     print(
-        f"mean Avg IKD − KD:          {avg_a.mean():+.3f} points "
-        f"(sd over sweeps {avg_a.std():.3f})"
+        f"mean Avg IKD − KD:          {avg_a[has_avg].mean():+.3f} points "
+        f"(sd over sweeps {avg_a[has_avg].std():.3f}; {int((~has_avg).sum())} sweeps without one)"
     )
-    print(f"sweeps with IKD ahead:      {100 * np.mean(avg_a > 0):.1f} %")
-    print(f"mean per-task IKD − KD:     {np.mean(task_diff):+.3f} points")
+    print(f"sweeps with IKD ahead:      {100 * np.mean(avg_a[has_avg] > 0):.1f} %")
+    print(f"mean per-task IKD − KD:     {np.nanmean(task_diff):+.3f} points")
     print(
         f"per-task rejections p<.05: {100 * np.mean(tested < 0.05):.1f} % "
         f"({int((tested < 0.05).sum())}/{tested.size} tests; {p.size - tested.size} without p)"
