@@ -405,6 +405,16 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
             run_trial(tracker, parent, trial, val, val - 0.1, status=status, error=error)
 
     time.sleep(0.05)  # distinct start times: the newest sweep must be unambiguous
+    # A run recorded before the val split: it finished, but has dev scores only.
+    old = new_tracker(tmp_path_factory, Path(tracker.home), "old")
+    trial = trial_dict("cola", "kd", 1.0, 1)
+    parent = old.start_sweep("old", {}, [trial])
+    run_id = old.trial_run(parent, trial["trial_id"], tags={}, params=trial)
+    old.log_metrics(run_id, {"dev/main": 0.7, "best/dev_main": 0.7}, 10)
+    old.finish_trial(run_id, "FINISHED", final_metrics={"final/dev_main": 0.7})
+    old.end_sweep(parent, "FINISHED")
+
+    time.sleep(0.05)
     failing = new_tracker(tmp_path_factory, Path(tracker.home), "broken")
     trials = [trial_dict("cola", "kd", 1.0, s) for s in (1, 2)]
     parent = failing.start_sweep("broken", {}, trials)
@@ -494,6 +504,9 @@ def test_only_failed_runs_raise(messy_store: str) -> None:
     message = str(info.value)
     assert "'broken'" in message and "FAILED=2" in message and "bad config" in message
     assert info.value.counts == {"FAILED": 2}
+    # Finished, but nothing to select on: dev scores alone are not used to choose.
+    with pytest.raises(NoFinishedRuns, match="no runs with a validation score.*sel/val_main"):
+        make_report("old", messy_store)
 
 
 def test_latest_sweep_and_lookup_errors(
@@ -501,7 +514,7 @@ def test_latest_sweep_and_lookup_errors(
 ) -> None:
     assert latest_sweep_name(messy_store) == "broken"
     assert collect(None, messy_store).sweep == "broken"
-    with pytest.raises(LookupError, match="known sweeps: broken, messy"):
+    with pytest.raises(LookupError, match="known sweeps: broken, old, messy"):
         collect("nope", messy_store)
     empty = new_tracker(tmp_path_factory, tmp_path / "empty", "x")
     assert empty.experiment_id
