@@ -322,7 +322,9 @@ def _notes(report: Report) -> list[str]:
         elif sources == {"search"}:
             notes.append(
                 "No confirmation runs (search.confirm_seeds): cells use the search seeds that "
-                "also selected the setting (val chose it; their dev scores are still unbiased)."
+                "also selected the setting. Val chose it, so dev noise did not; a seed that was "
+                "lucky on both val and dev still favours the method given more settings, which "
+                "confirmation seeds remove."
             )
         elif sources:
             notes.append(

@@ -35,6 +35,9 @@ class SimSpec:
     kd_settings: int = 4
     ikd_settings: int = 36
     noise: float = 0.01
+    #: sd of a per-run effect shared by its val and dev scores (a lucky seed is lucky on both
+    #: splits); 0 makes val and dev noise independent.
+    run_noise: float = 0.0
     #: True IKD − everything else, in score units (0.01 = +1 point).
     effect: float = 0.0
     #: Probability that an IKD trial FAILS (no metrics), independently per trial.
@@ -73,8 +76,9 @@ def _frames(
     mu = task_mu[rep["task_idx"].to_numpy()]
     is_ikd = rep["method"].eq("ikd").to_numpy()
     mu = mu + np.where(is_ikd, spec.effect, 0.0)
-    val = mu + rng.normal(0.0, spec.noise, n)
-    dev = mu + rng.normal(0.0, spec.noise, n)
+    luck = rng.normal(0.0, spec.run_noise, n) if spec.run_noise else 0.0
+    val = mu + luck + rng.normal(0.0, spec.noise, n)
+    dev = mu + luck + rng.normal(0.0, spec.noise, n)
     failed = is_ikd & (rng.random(n) < spec.ikd_fail)
     val[failed] = np.nan
     dev[failed] = np.nan
