@@ -136,7 +136,7 @@ def _budget(report: Report, task: str, path: Path) -> Path | None:
             marker="o" if len(pts) < 12 else None,
             ms=4,
             color=_color(str(method)),
-            label=f"{_label(str(method))} ({len(pts)} settings)",
+            label=f"{_label(str(method))} ({len(pts)} setting{'s' if len(pts) > 1 else ''})",
         )
     at = report.budget_at
     budget = at.loc[at["task"].eq(task) & at["n_settings"].gt(1), "n"]
