@@ -5,4 +5,4 @@ paired tests) -> ``plots`` / ``render`` -> ``report.make_report`` (what ``ikd-sw
 Submodules are imported on demand so that importing the package stays cheap.
 """
 
-__all__ = ["collect", "plots", "render", "report", "tables"]
+__all__ = ["collect", "plots", "render", "report", "simulate", "tables"]

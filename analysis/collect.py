@@ -24,16 +24,26 @@ from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
 
 # Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
 # so a default that leaked into a finetune run's params cannot split its seeds into two settings.
-TRIAL_COLUMNS = ("trial_id", "task", "method", "seed", *HPARAMS)
+TRIAL_COLUMNS = ("trial_id", "task", "method", "seed", *HPARAMS, "phase")
+PHASES = ("search", "confirm")
+TAG_PHASE = "ikd.phase"
+#: Result metric -> column. ``sel/*`` is the run's checkpoint with the best ``val/main``;
+#: ``best/dev_main`` (max over dev) is a diagnostic that the report never selects on.
+RESULT_METRICS = {
+    "sel/val_main": "sel_val_main",
+    "sel/dev_main": "sel_dev_main",
+    "sel/step": "sel_step",
+    "final/dev_main": "final_dev_main",
+    "best/dev_main": "best_dev_main",
+    "teacher/dev_main": "teacher_dev_main",
+}
 RUN_COLUMNS = (
     "run_id",
     *TRIAL_COLUMNS,
     "estimator",
     "status",
     "error",
-    "best_dev_main",
-    "final_dev_main",
-    "teacher_dev_main",
+    *RESULT_METRICS.values(),
     "start_time",
     "end_time",
     "duration_s",
@@ -153,6 +163,7 @@ def _expected_frame(trials: list[dict[str, Any]]) -> pd.DataFrame:
             "method": t.get("method"),
             "seed": _seed(t.get("seed")),
             **{h: _float(t.get(h)) for h in HPARAMS},
+            "phase": _phase(t.get("phase"), f"trials.json entry {t.get('trial_id')!r}"),
         }
         for t in trials
     ]
@@ -161,6 +172,15 @@ def _expected_frame(trials: list[dict[str, Any]]) -> pd.DataFrame:
     for h in HPARAMS:
         frame[h] = frame[h].astype(float)
     return _blank_unused(frame)
+
+
+def _phase(value: Any, where: str) -> str:
+    """``search`` when unset (runs recorded before confirmation existed)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)) or value == "":
+        return "search"
+    if value not in PHASES:
+        raise ValueError(f"{where}: phase {value!r} is not one of {', '.join(PHASES)}")
+    return str(value)
 
 
 def _blank_unused(frame: pd.DataFrame) -> pd.DataFrame:
@@ -215,11 +235,10 @@ def _run_row(run: Any) -> dict[str, Any]:
         **{h: _float(params.get(h)) for h in HPARAMS},
         # The estimator only means something for IKD (other methods may carry the default).
         "estimator": params.get("ikd.estimator") if method == "ikd" else None,
+        "phase": tags.get(TAG_PHASE),  # filled from trials.json, then checked, in collect()
         "status": run.info.status,
         "error": tags.get("ikd.error"),
-        "best_dev_main": _float(metrics.get("best/dev_main")),
-        "final_dev_main": _float(metrics.get("final/dev_main")),
-        "teacher_dev_main": _float(metrics.get("teacher/dev_main")),
+        **{col: _float(metrics.get(key)) for key, col in RESULT_METRICS.items()},
         "start_time": _timestamp(start),
         "end_time": _timestamp(end) if run.info.status != "RUNNING" else pd.NaT,
         "duration_s": (end - start) / 1000.0
@@ -272,7 +291,7 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     runs = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *extra])
     for h in HPARAMS:
         runs[h] = runs[h].astype(float)
-    for col in ("best_dev_main", "final_dev_main", "teacher_dev_main", "duration_s", *extra):
+    for col in (*RESULT_METRICS.values(), "duration_s", *extra):
         runs[col] = runs[col].astype(float)
     runs["start_time"] = pd.to_datetime(runs["start_time"], utc=True)
     runs["end_time"] = pd.to_datetime(runs["end_time"], utc=True)
@@ -302,9 +321,13 @@ def _fill_from_expected(runs: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFr
     if not expected.empty and not runs.empty:
         ref = expected.set_index("trial_id")
         ref = ref[~ref.index.duplicated()]
-        for col in ("task", "method", "seed", *HPARAMS):
+        for col in ("task", "method", "seed", *HPARAMS, "phase"):
             fill = runs["trial_id"].map(ref[col])
             runs[col] = runs[col].where(runs[col].notna(), fill)
+    runs["phase"] = [
+        _phase(p, f"run {r} tag {TAG_PHASE}")
+        for p, r in zip(runs["phase"], runs["run_id"], strict=True)
+    ]
     runs["seed"] = pd.array([None if pd.isna(s) else int(s) for s in runs["seed"]], dtype="Int64")
     if runs["seed"].notna().all():
         runs["seed"] = runs["seed"].astype("int64")

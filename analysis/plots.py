@@ -18,20 +18,20 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.tables import HPARAMS, Report, display_scale, finished_runs, setting_mask
+from analysis.tables import CONTROL, HPARAMS, Report, display_scale, setting_mask
 
 _log = logging.getLogger(__name__)
 
 #: ``history(run_id, metric)`` -> DataFrame with columns step, value (``SweepRuns.history``).
 HistoryFn = Callable[[str, str], pd.DataFrame]
 
-COLORS = {"finetune": "#7f7f7f", "kd": "#1f77b4", "ikd": "#d62728"}
+COLORS = {"finetune": "#7f7f7f", "kd": "#1f77b4", "ikd": "#d62728", CONTROL: "#ff9896"}
 LABELS = {
     "temperature": "temperature T",
     "exam_every": "exam every (course steps)",
     "teacher_lr": "teacher learning rate",
 }
-METHOD_LABELS = {"finetune": "fine-tune", "kd": "KD", "ikd": "IKD"}
+METHOD_LABELS = {"finetune": "fine-tune", "kd": "KD", "ikd": "IKD", CONTROL: "IKD control"}
 
 
 def _safe(name: str) -> str:
@@ -107,21 +107,49 @@ def _sensitivity(
         ax.set_xscale("log")
     held = [h for h in HPARAMS if h != param]
     ax.set_xlabel(LABELS.get(param, param))
-    ax.set_ylabel("dev score" + (" (×100)" if scale == 100 else ""))
+    ax.set_ylabel("dev score, search seeds" + (" (×100)" if scale == 100 else ""))
     ax.set_title(f"{task}: dev score vs {LABELS.get(param, param)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title=f"other hparams ({', '.join(held)}) at best", title_fontsize=8)
     return _save(fig, path)
 
 
-def _selected_run_ids(report: Report, runs: pd.DataFrame, task: str, method: str) -> list[str]:
-    best = _selected(report, task, method)
-    if best is None or "run_id" not in runs.columns:
-        return []
-    fin = finished_runs(runs)
-    fin = fin[fin["task"].eq(task) & fin["method"].eq(method)]
-    fin = fin[setting_mask(fin, best).to_numpy()]
-    return list(fin.sort_values("seed")["run_id"])
+def _selected_run_ids(report: Report, task: str, method: str) -> list[str]:
+    """The runs behind a reported cell (confirmation runs when it has them), by seed."""
+    scores = report.scores
+    mine = scores[scores["task"].eq(task) & scores["method"].eq(method)]
+    return [str(r) for r in mine.sort_values("seed")["run_id"] if isinstance(r, str)]
+
+
+def _budget(report: Report, task: str, path: Path) -> Path | None:
+    """Expected dev score of the val-selected setting vs number of settings tried."""
+    curves = report.budget[report.budget["task"].eq(task)]
+    if curves.empty or curves["n_settings"].max() < 2:
+        return None
+    scale = display_scale(report.candidates["mean"])
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    for method, pts in curves.groupby("method", sort=False):
+        ax.plot(
+            pts["n"],
+            pts["expected_dev"].astype(float) * scale,
+            marker="o" if len(pts) < 12 else None,
+            ms=4,
+            color=_color(str(method)),
+            label=f"{_label(str(method))} ({len(pts)} setting{'s' if len(pts) > 1 else ''})",
+        )
+    at = report.budget_at
+    budget = at.loc[at["task"].eq(task) & at["n_settings"].gt(1), "n"]
+    if len(budget):
+        ax.axvline(int(budget.max()), color="#555", ls=":", lw=1, label="same budget")
+    if curves["n_settings"].max() > 12:
+        ax.set_xscale("log")
+    ax.set_xlabel("settings tried (n, drawn without replacement)")
+    ax.set_ylabel("expected dev score" + (" (×100)" if scale == 100 else ""))
+    ax.set_title(f"{task}: expected dev score of the val-selected setting")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def _curves(
@@ -142,7 +170,7 @@ def _curves(
     ax = fig.add_subplot()
     for method in methods:
         labelled = False
-        for run_id in _selected_run_ids(report, runs, task, method):
+        for run_id in _selected_run_ids(report, task, method):
             try:
                 points = history(run_id, metric)
             except Exception as exc:  # a missing history is a skipped line, not a failed report
@@ -180,7 +208,8 @@ def make_plots(
     """Write every plot there is data for into ``out_dir``; returns the written paths.
 
     Per task: dev score vs temperature (KD and IKD), vs exam_every and vs teacher_lr (IKD), each
-    at the best values of the other hyperparameters; with ``history``: dev/main learning curves
+    at the best values of the other hyperparameters; the budget-fair curves (expected dev score
+    of the val-selected setting vs settings tried); with ``history``: dev/main learning curves
     of the selected settings' runs, and the IKD teacher's own dev score over training.
     """
     out_dir = Path(out_dir)
@@ -198,6 +227,7 @@ def make_plots(
             lambda t=task, n=name: _sensitivity(
                 report, t, "teacher_lr", ("ikd",), out_dir / f"{n}_teacher_lr.png"
             ),
+            lambda t=task, n=name: _budget(report, t, out_dir / f"{n}_budget.png"),
         ]
         if history is not None:
             jobs += [
@@ -207,7 +237,7 @@ def make_plots(
                     t,
                     history,
                     "dev/main",
-                    ("finetune", "kd", "ikd"),
+                    ("finetune", "kd", "ikd", CONTROL),
                     f"{t}: dev score during training (selected settings)",
                     "dev score",
                     out_dir / f"{n}_learning_curves.png",

@@ -14,11 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.tables import AVG, HPARAMS, INCOMPLETE_MARK, Report, display_scale
+from analysis.tables import AVG, CONTROL, HPARAMS, INCOMPLETE_MARK, Report, display_scale
 
-METHOD_LABELS = {"finetune": "Fine-tune", "kd": "KD", "ikd": "IKD"}
+METHOD_LABELS = {
+    "finetune": "Fine-tune",
+    "kd": "KD",
+    "ikd": "IKD",
+    CONTROL: "IKD control (teacher_lr=0)",
+}
+SHORT_LABELS = {CONTROL: "control"}
 HPARAM_SHORT = {"temperature": "T", "exam_every": "exam_every", "teacher_lr": "teacher_lr"}
 MAIN_DIFF = ("ikd", "kd")
+#: Marks a cell reported on search seeds while others have confirmation seeds.
+SEARCH_MARK = "§"
 
 
 def method_label(method: str) -> str:
@@ -27,21 +35,33 @@ def method_label(method: str) -> str:
 
 def diff_label(a: str, b: str, style: str = "text") -> str:
     minus = "$-$" if style == "latex" else "−"
-    return f"{method_label(a)} {minus} {method_label(b)}"
+    return f"{method_label(a)} {minus} {SHORT_LABELS.get(b, method_label(b))}"
 
 
 def report_scale(report: Report) -> float:
-    return display_scale(report.candidates["mean"]) if not report.candidates.empty else 1.0
+    values = pd.concat([report.candidates["mean"], report.selected["mean"]], ignore_index=True)
+    return display_scale(values) if len(values) else 1.0
 
 
 def _num(value: float, scale: float, digits: int = 2) -> str:
     return "–" if value is None or pd.isna(value) else f"{float(value) * scale:.{digits}f}"
 
 
-def _pval(p: float) -> str:
+def _signed(value: float, scale: float, style: str = "text") -> str:
+    if value is None or pd.isna(value):
+        return "--" if style == "latex" else "–"
+    sign = "+" if value >= 0 else ("$-$" if style == "latex" else "−")
+    return f"{sign}{abs(float(value)) * scale:.2f}"
+
+
+def _p(p: float) -> str:
     if p is None or pd.isna(p):
-        return "p=n/a"
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _pval(p: float) -> str:
+    return "p=n/a" if p is None or pd.isna(p) else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
 
 
 def _hp(value: float) -> str:
@@ -54,35 +74,51 @@ def setting_text(row: pd.Series) -> str:
     return ", ".join(parts) if parts else "–"
 
 
-def _cell(row: pd.Series, scale: float, style: str) -> str:
+def _mixed_sources(report: Report) -> bool:
+    return report.selected["source"].nunique() > 1 if not report.selected.empty else False
+
+
+def _cell(row: pd.Series, scale: float, style: str, mark_search: bool) -> str:
+    if int(row["n"]) == 0:
+        return "--" if style == "latex" else "–"
     pm = " $\\pm$ " if style == "latex" else " ± "
     mark = ("$^\\dagger$" if style == "latex" else INCOMPLETE_MARK) if row["incomplete"] else ""
+    if mark_search and row["source"] == "search":
+        mark += "$^\\S$" if style == "latex" else SEARCH_MARK
     std = "" if pd.isna(row["std"]) else f"{pm}{_num(row['std'], scale)}"
     return f"{_num(row['mean'], scale)}{std} ({int(row['n'])}){mark}"
+
+
+def _ci(row: pd.Series, scale: float, style: str = "text") -> str:
+    if pd.isna(row["ci_low"]) or pd.isna(row["ci_high"]):
+        return ""
+    return f" [{_signed(row['ci_low'], scale, style)}, {_signed(row['ci_high'], scale, style)}]"
 
 
 def _diff_cell(row: pd.Series | None, scale: float, style: str) -> str:
     if row is None:
         return "--" if style == "latex" else "–"
-    sign = "+" if row["diff"] >= 0 else ("$-$" if style == "latex" else "−")
-    text = f"{sign}{abs(float(row['diff'])) * scale:.2f}"
-    if row["task"] == AVG:
-        return text
-    p = _pval(row["p_value"])
-    if style == "latex":
-        p = p.replace("<", "$<$")
-    return f"{text} ({p}, n={int(row['n_pairs'])})"
+    return _signed(row["diff"], scale, style) + _ci(row, scale, style)
+
+
+def _p_cell(row: pd.Series | None, style: str) -> str:
+    if row is None or row["task"] == AVG or pd.isna(row["p_value"]):
+        return "--" if style == "latex" else "–"
+    text = f"{_p(row['p_value'])} ({_p(row['p_holm'])})"
+    return text.replace("<", "$<$") if style == "latex" else text
 
 
 def main_table(report: Report, style: str = "text") -> pd.DataFrame:
-    """Rows: tasks and Avg; columns: each method's ``mean ± std (n)`` and IKD − KD with its
-    paired-test p-value. ``style`` is ``text`` (Markdown/HTML) or ``latex``."""
+    """Rows: tasks and Avg; columns: each method's ``mean ± std (n)``, IKD − KD with its 95 %
+    bootstrap CI, and the paired test's p with Holm's p beside it. ``style``: text or latex."""
     scale = report_scale(report)
-    sel = report.selected
+    sel = report.selected.set_index(["task", "method"]) if report.has_results else None
     comp = report.comparisons
     a, b = MAIN_DIFF
     with_diff = a in report.methods and b in report.methods
     none = "--" if style == "latex" else "–"
+    mixed = _mixed_sources(report)
+    ci_head = "[95\\% CI]" if style == "latex" else "[95% CI]"
     rows = []
     for task in [*report.tasks, AVG]:
         if task == AVG and not report.avg_tasks:
@@ -92,14 +128,15 @@ def main_table(report: Report, style: str = "text") -> pd.DataFrame:
             if task == AVG:
                 avg = report.average[report.average["method"].eq(method)]
                 row[method_label(method)] = _num(avg["mean"].iloc[0], scale) if len(avg) else none
-                continue
-            pick = sel[sel["task"].eq(task) & sel["method"].eq(method)]
-            row[method_label(method)] = _cell(pick.iloc[0], scale, style) if len(pick) else none
+            elif sel is not None and (task, method) in sel.index:
+                row[method_label(method)] = _cell(sel.loc[(task, method)], scale, style, mixed)
+            else:
+                row[method_label(method)] = none
         if with_diff:
             hit = comp[comp["task"].eq(task) & comp["a"].eq(a) & comp["b"].eq(b)]
-            row[diff_label(a, b, style)] = _diff_cell(
-                hit.iloc[0] if len(hit) else None, scale, style
-            )
+            pick = hit.iloc[0] if len(hit) else None
+            row[f"{diff_label(a, b, style)} {ci_head}"] = _diff_cell(pick, scale, style)
+            row["p (Holm)"] = _p_cell(pick, style)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -112,11 +149,15 @@ def comparisons_table(report: Report) -> pd.DataFrame:
             {
                 "Task": r["task"],
                 "Comparison": diff_label(r["a"], r["b"]),
-                "Difference": _diff_cell(r, scale, "text").split(" (")[0],
-                "Paired diff": _num(r["paired_diff"], scale),
+                "Mean a": _num(r["mean_a"], scale),
+                "Mean b": _num(r["mean_b"], scale),
+                "Paired difference": _signed(r["diff"], scale),
+                "95% CI": _ci(r, scale).strip() or "–",
                 "Shared seeds": int(r["n_pairs"]),
-                "t": "–" if pd.isna(r["t"]) else f"{r['t']:.2f}",
+                "t": "–" if pd.isna(r["t"]) else f"{r['t']:.2f}".replace("-", "−"),
                 "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.4f}",
+                "p (Holm)": "–" if pd.isna(r["p_holm"]) else f"{r['p_holm']:.4f}",
+                "Settings a / b": f"{int(r['n_settings_a'])} / {int(r['n_settings_b'])}",
             }
         )
     return pd.DataFrame(rows)
@@ -131,7 +172,9 @@ def selected_table(report: Report) -> pd.DataFrame:
             {
                 "Task": r["task"],
                 "Method": method_label(r["method"]),
-                "Selected setting": setting_text(r),
+                "Selected setting (on val)": setting_text(r),
+                "Val score": _num(r["val_score"], scale),
+                "Reported on": "confirmation seeds" if r["source"] == "confirm" else "search seeds",
                 "Dev mean": _num(r["mean"], scale),
                 "Std": _num(r["std"], scale),
                 "Seeds (finished/expected)": f"{int(r['n'])}/{exp}"
@@ -139,6 +182,38 @@ def selected_table(report: Report) -> pd.DataFrame:
                 "Settings tried": int(r["n_settings"]),
             }
         )
+    return pd.DataFrame(rows)
+
+
+def budget_display(report: Report, style: str = "text") -> pd.DataFrame:
+    """Expected dev score of the val-chosen setting at the same budget per task (n settings
+    drawn at random from those each method tried), with IKD − KD at that budget."""
+    at = report.budget_at
+    if at.empty:
+        return pd.DataFrame()
+    scale = report_scale(report)
+    methods = [m for m in report.methods if m in set(at["method"])]
+    a, b = MAIN_DIFF
+    rows = []
+    for task in [*report.tasks, AVG]:
+        mine = at[at["task"].eq(task)].set_index("method")
+        if mine.empty:
+            continue
+        row: dict[str, str] = {"Task": task}
+        budget = mine.loc[mine["n_settings"].fillna(0).astype(int) > 1, "n"]
+        row["Budget n"] = "" if task == AVG or budget.empty else str(int(budget.max()))
+        for m in methods:
+            if m in mine.index:
+                used = "" if task == AVG else f" (n={int(mine.at[m, 'n'])}/"
+                used += "" if task == AVG else f"{int(mine.at[m, 'n_settings'])})"
+                row[method_label(m)] = _num(mine.at[m, "expected_dev"], scale) + used
+            else:
+                row[method_label(m)] = "--" if style == "latex" else "–"
+        if a in mine.index and b in mine.index:
+            row[diff_label(a, b, style)] = _signed(
+                mine.at[a, "expected_dev"] - mine.at[b, "expected_dev"], scale, style
+            )
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -153,22 +228,47 @@ def best_runs_table(report: Report) -> pd.DataFrame:
                 "Trial": r["trial_id"],
                 "Seed": "" if pd.isna(r["seed"]) else int(r["seed"]),
                 "Setting": setting_text(r),
-                "Best dev": _num(r["best_dev_main"], scale),
+                "Val": _num(r["sel_val_main"], scale),
+                "Dev": _num(r["sel_dev_main"], scale),
                 "Final dev": _num(r["final_dev_main"], scale),
+                "Max dev (diagnostic)": _num(r["best_dev_main"], scale),
             }
         )
     return pd.DataFrame(rows)
 
 
-def status_display(report: Report) -> pd.DataFrame:
-    frame = report.status.copy()
+def _pct(value: float) -> str:
+    return "–" if value is None or pd.isna(value) else f"{100 * float(value):.0f}%"
+
+
+def _status_frame(frame: pd.DataFrame, total_label: str | None) -> pd.DataFrame:
     if frame.empty:
         return frame
+    frame = frame.copy()
     frame["method"] = frame["method"].map(method_label)
-    total = {"task": "Total", "method": ""}
-    total.update({c: int(frame[c].sum()) for c in frame.columns if c not in ("task", "method")})
-    frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
-    return frame.rename(columns=lambda c: c.capitalize())
+    counts = ["expected", "finished", "failed", "killed", "running", "missing"]
+    if total_label is not None:
+        total = {"task": total_label, "method": ""}
+        total.update({c: int(frame[c].sum()) for c in counts})
+        ended = total["finished"] + total["failed"] + total["killed"]
+        total["failure_rate"] = total["failed"] / ended if ended else float("nan")
+        total["stop_rate"] = total["killed"] / ended if ended else float("nan")
+        frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
+    frame["failure_rate"] = frame["failure_rate"].map(_pct)
+    frame["stop_rate"] = frame["stop_rate"].map(_pct)
+    names = {"killed": "Killed (early stop)", "failure_rate": "Failure rate"}
+    names["stop_rate"] = "Early-stop rate"
+    return frame.rename(columns=lambda c: names.get(c, c.capitalize()))
+
+
+def status_display(report: Report) -> pd.DataFrame:
+    """Per (task, method) trial counts, failure and early-stop rates, and a total row."""
+    return _status_frame(report.status, "Total")
+
+
+def status_method_display(report: Report) -> pd.DataFrame:
+    """Per method over all tasks: counts, failure and early-stop rates."""
+    return _status_frame(report.status_by_method, None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -190,28 +290,100 @@ def md_table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _settings_counts(report: Report) -> dict[str, str]:
+    """Per method: the number of settings it was given per task (``4`` or ``30–36``)."""
+    out = {}
+    for method in report.methods:
+        counts = report.selected.loc[report.selected["method"].eq(method), "n_settings"]
+        lo, hi = int(counts.min()), int(counts.max())
+        out[method] = str(lo) if lo == hi else f"{lo}–{hi}"
+    return out
+
+
 def _notes(report: Report) -> list[str]:
     scale = report_scale(report)
+    sel = report.selected
     notes = [
-        "Dev score (`best/dev_main`, each task's GLUE metric)"
+        "Cells: dev score (`sel/dev_main`, the task's GLUE metric"
         + (" ×100" if scale == 100 else "")
-        + "; per task and method the hyperparameter setting with the best mean over finished "
-        "seeds is selected; cells are mean ± sample std (n seeds).",
+        + ") at each run's checkpoint with the best val score, mean ± sample std (n seeds), of "
+        "the setting selected on the validation split (best mean `sel/val_main` over the search "
+        "seeds). GLUE dev chooses nothing: no checkpoint, setting or early stop.",
+        "Failed, early-stopped, unfinished and missing search seeds count against their setting: "
+        "each is scored as the worst finished val score of the task when settings are ranked.",
     ]
-    if not report.selected.empty and report.selected["incomplete"].any():
+    if report.has_results:
+        sources = set(sel.loc[sel["n"] > 0, "source"])
+        if sources == {"confirm"}:
+            notes.append(
+                "All cells use only the confirmation seeds: fresh seeds that played no part in "
+                "the selection."
+            )
+        elif sources == {"search"}:
+            notes.append(
+                "No confirmation runs (search.confirm_seeds): cells use the search seeds that "
+                "also selected the setting. Val chose it, so dev noise did not; a seed that was "
+                "lucky on both val and dev still favours the method given more settings, which "
+                "confirmation seeds remove."
+            )
+        elif sources:
+            notes.append(
+                f"Cells use only the confirmation seeds, except those marked {SEARCH_MARK} "
+                "(no finished confirmation run yet: search seeds)."
+            )
+    if report.has_results and sel["incomplete"].any():
         notes.append(f"{INCOMPLETE_MARK} fewer finished seeds than the sweep expected.")
+    counts = _settings_counts(report) if report.has_results else {}
+    if counts:
+        notes.append(
+            "Settings tried per task: "
+            + ", ".join(f"{method_label(m)} {c}" for m, c in counts.items())
+            + "."
+        )
+        a, b = MAIN_DIFF
+        if a in counts and b in counts:
+            n_a = sel.loc[sel["method"].eq(a), "n_settings"].max()
+            n_b = sel.loc[sel["method"].eq(b), "n_settings"].max()
+            more, fewer = (a, b) if n_a > n_b else (b, a)
+            if n_a != n_b:
+                notes.append(
+                    f"{method_label(more)} was given more settings than {method_label(fewer)}. "
+                    "Selection on val keeps its dev score unbiased, but it had more chances; "
+                    "the budget-fair table compares both at the same number of settings."
+                )
     if a_b := [m for m in MAIN_DIFF if m in report.methods]:
         if len(a_b) == 2:
             notes.append(
-                f"{diff_label(*MAIN_DIFF)}: difference of the selected means; p from a paired "
-                "t-test over the seeds both share (n/a with fewer than 2)."
+                f"{diff_label(*MAIN_DIFF)}: mean paired difference over the seeds both share, "
+                "with a percentile bootstrap 95% CI (seeds resampled). With 3–5 seeds such CIs "
+                "are too narrow (A/A simulation, benchmarks/aa_simulation.py's design: per-task "
+                "CIs covered the truth 74–79% of the time, Avg CIs 86%); the p-values are "
+                "calibrated. p: paired t-test (n/a with fewer than 2 pairs), Holm's correction "
+                "across tasks in brackets."
             )
     if report.avg_tasks:
-        notes.append(f"{AVG}: mean of the per-task means over {', '.join(report.avg_tasks)}.")
+        notes.append(
+            f"{AVG}: mean of the per-task means over {', '.join(report.avg_tasks)}; its CI "
+            "resamples seeds within each task."
+        )
     missing = [t for t in report.tasks if t not in report.avg_tasks]
     if report.avg_tasks and missing:
         notes.append(f"Not in {AVG} (a method has no result): {', '.join(missing)}.")
+    if CONTROL in report.methods:
+        notes.append(
+            f"{method_label(CONTROL)}: IKD's code path with a teacher that never moves; "
+            "a control, selected separately."
+        )
     return notes
+
+
+def _budget_note(report: Report) -> str:
+    return (
+        "Expected dev score of the setting a method would have selected on val had it tried only "
+        "n of its settings (drawn without replacement; exact over the val ranks, Dodge et al. "
+        "2019). n per task: the smallest number of settings a tuned method had; each cell shows "
+        "n=used/pooled (a setting none of whose seeds finished is not in the pool)."
+    )
 
 
 def to_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
@@ -221,9 +393,13 @@ def to_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     parts += [f"- {n}" for n in _notes(report)]
     if not report.comparisons.empty:
         parts += ["", "### Paired comparisons", "", md_table(comparisons_table(report))]
+    budget = budget_display(report)
+    if not budget.empty:
+        parts += ["", "### Budget-fair view", "", md_table(budget), "", f"- {_budget_note(report)}"]
     parts += ["", "### Selected settings", "", md_table(selected_table(report))]
-    parts += ["", "### Best single run", "", md_table(best_runs_table(report))]
+    parts += ["", "### Best single run (by val)", "", md_table(best_runs_table(report))]
     parts += ["", "### Trial status", "", md_table(status_display(report))]
+    parts += ["", "Per method:", "", md_table(status_method_display(report))]
     if plots:
         parts += ["", "### Plots", ""]
         parts += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
@@ -241,11 +417,15 @@ def to_csv(report: Report, out_dir: Path, runs: pd.DataFrame | None = None) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
         "selected.csv": report.selected,
+        "scores.csv": report.scores,
         "comparisons.csv": report.comparisons,
         "average.csv": report.average.assign(tasks=";".join(report.avg_tasks)),
         "candidates.csv": report.candidates,
+        "budget.csv": report.budget,
+        "budget_at.csv": report.budget_at,
         "best_runs.csv": report.best_runs,
         "status.csv": report.status,
+        "status_by_method.csv": report.status_by_method,
     }
     if runs is not None:
         frames["runs.csv"] = runs
@@ -290,12 +470,14 @@ def latex_escape(text: object) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-def _latex_tabular(frame: pd.DataFrame, raw_columns: Sequence[str] = ()) -> list[str]:
-    """booktabs tabular; ``raw_columns`` (header and cells) are already LaTeX, the rest is
-    escaped."""
+def _latex_tabular(
+    frame: pd.DataFrame, raw_columns: Sequence[str] = (), raw_headers: Sequence[str] = ()
+) -> list[str]:
+    """booktabs tabular; cells of ``raw_columns`` and headers in ``raw_headers`` are already
+    LaTeX, the rest is escaped."""
     align = "l" + "r" * (len(frame.columns) - 1)
     lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule"]
-    header = [c if c in raw_columns else latex_escape(c) for c in frame.columns]
+    header = [c if c in raw_headers else latex_escape(c) for c in frame.columns]
     lines.append(" & ".join(header) + r" \\")
     lines.append("\\midrule")
     for i, row in enumerate(frame.itertuples(index=False)):
@@ -310,33 +492,57 @@ def _latex_tabular(frame: pd.DataFrame, raw_columns: Sequence[str] = ()) -> list
     return lines
 
 
+def _latex_table(lines: list[str], caption: str, label: str) -> list[str]:
+    head = ["\\begin{table}[t]", "\\centering", "\\small"]
+    return head + lines + [f"\\caption{{{caption}}}", f"\\label{{{label}}}", "\\end{table}", ""]
+
+
 def to_latex(report: Report) -> str:
-    """booktabs tables (main, best run, status) ready for ``\\input``; needs ``booktabs``."""
+    """booktabs tables (main, budget-fair, best run, status) ready for ``\\input``; needs
+    ``booktabs``."""
     scale = report_scale(report)
     main = main_table(report, style="latex")
-    # Method cells and the difference column are built as LaTeX already.
+    # Method cells and the difference columns are built as LaTeX already.
     raw = [c for c in main.columns if c != "Task"]
+    diff_head = [c for c in main.columns if "$-$" in c]
+    sources = set(report.selected["source"]) if report.has_results else set()
+    seeds = "confirmation seeds" if sources == {"confirm"} else "seeds"
     caption = (
         f"Dev results of sweep {latex_escape(report.sweep)}"
         + (" ($\\times$100)" if scale == 100 else "")
-        + ": mean $\\pm$ std (n seeds) of the setting selected on dev"
-        + ("; $^\\dagger$ fewer seeds than expected" if report.selected["incomplete"].any() else "")
+        + f": mean $\\pm$ std (n {seeds}) of the setting selected on the validation split"
+        + (
+            "; $^\\dagger$ fewer seeds than expected"
+            if report.has_results and report.selected["incomplete"].any()
+            else ""
+        )
+        + ("; $^\\S$ search seeds" if len(sources) > 1 else "")
+        + "; difference: mean paired difference with a bootstrap 95\\% CI; p: paired t-test "
+        "(Holm across tasks)"
         + (f"; {AVG} over {latex_escape(', '.join(report.avg_tasks))}" if report.avg_tasks else "")
         + "."
     )
     lines = ["% Generated by ikd-sweep report. Requires \\usepackage{booktabs}.", ""]
-    lines += ["\\begin{table}[t]", "\\centering", "\\small"]
-    lines += _latex_tabular(main, raw_columns=raw)
-    lines += [f"\\caption{{{caption}}}", "\\label{tab:ikd-main}", "\\end{table}", ""]
+    lines += _latex_table(
+        _latex_tabular(main, raw_columns=raw, raw_headers=diff_head), caption, "tab:ikd-main"
+    )
+    budget = budget_display(report, style="latex")
+    if not budget.empty:
+        diff_b = [c for c in budget.columns if "$-$" in c]
+        lines += _latex_table(
+            _latex_tabular(budget, raw_columns=diff_b, raw_headers=diff_b),
+            "Budget-fair view: expected dev score of the val-selected setting among n settings "
+            "drawn without replacement (Dodge et al., 2019).",
+            "tab:ikd-budget",
+        )
     for title, frame, label in (
-        ("Best single run per task and method", best_runs_table(report), "tab:ikd-best"),
+        ("Best single run per task and method (chosen on val)", best_runs_table(report),
+         "tab:ikd-best"),
         ("Trial status", status_display(report), "tab:ikd-status"),
+        ("Trial status per method", status_method_display(report), "tab:ikd-status-method"),
     ):
-        if frame.empty:
-            continue
-        lines += ["\\begin{table}[t]", "\\centering", "\\small"]
-        lines += _latex_tabular(frame)
-        lines += [f"\\caption{{{title}.}}", f"\\label{{{label}}}", "\\end{table}", ""]
+        if not frame.empty:
+            lines += _latex_table(_latex_tabular(frame), f"{title}.", label)
     return "\n".join(lines)
 
 
@@ -379,12 +585,16 @@ def to_html(report: Report, plots: Sequence[Path] = ()) -> str:
     )
     sections = [
         ("Paired comparisons", comparisons_table(report)),
+        ("Budget-fair view", budget_display(report)),
         ("Selected settings", selected_table(report)),
-        ("Best single run", best_runs_table(report)),
+        ("Best single run (by val)", best_runs_table(report)),
         ("Trial status", status_display(report)),
+        ("Trial status per method", status_method_display(report)),
     ]
     for name, frame in sections:
         body += [f"<h2>{html.escape(name)}</h2>", _html_table(frame)]
+        if name == "Budget-fair view" and not frame.empty:
+            body.append(f'<p class="notes">{html.escape(_budget_note(report))}</p>')
     if plots:
         body.append("<h2>Plots</h2>")
         for path in plots:

@@ -27,11 +27,13 @@ FORMATS = ("md", "csv", "latex", "html")
 class NoFinishedRuns(Exception):
     """The sweep exists but none of its trials has FINISHED, so there is nothing to compare."""
 
-    def __init__(self, sweep: str, counts: dict[str, int], hint: str = "") -> None:
+    def __init__(
+        self, sweep: str, counts: dict[str, int], hint: str = "", what: str = "FINISHED runs"
+    ) -> None:
         self.sweep = sweep
         self.counts = dict(counts)
         shown = ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no runs at all"
-        message = f"Sweep {sweep!r} has no FINISHED runs yet ({shown})."
+        message = f"Sweep {sweep!r} has no {what} yet ({shown})."
         if hint:
             message += f" {hint}"
         super().__init__(message)
@@ -71,8 +73,19 @@ def status_counts(data: SweepRuns) -> dict[str, int]:
 
 
 def _check_finished(data: SweepRuns) -> None:
-    if data.runs["status"].eq("FINISHED").any():
+    finished = data.runs["status"].eq("FINISHED")
+    if finished.any() and data.runs.loc[finished, "sel_val_main"].notna().any():
         return
+    if finished.any():
+        # Runs from before the val split: choosing on their dev scores is what the report no
+        # longer does, so it says why it has nothing to show.
+        raise NoFinishedRuns(
+            data.sweep,
+            status_counts(data),
+            "Its FINISHED runs have no sel/val_main: they were recorded before selection moved "
+            "to the validation split; re-run the sweep with this version.",
+            what="runs with a validation score",
+        )
     hint = ""
     errors = data.runs["error"].dropna() if "error" in data.runs else []
     if len(errors):

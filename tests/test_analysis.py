@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -17,49 +18,60 @@ from analysis import render
 from analysis.collect import collect, latest_sweep_name
 from analysis.plots import make_plots
 from analysis.report import NoFinishedRuns, make_report, normalize_formats
-from analysis.tables import build_report
+from analysis.tables import build_report, expected_max_curve, holm, select_settings
 from ikd_sweep.tracking import SweepTracker
 
 SEEDS = (1, 2, 3)
+CONFIRM_SEEDS = (4, 5)
 EXAM_EVERY, TEACHER_LR = 5.0, 1e-5
 
-# best/dev_main per (task, method, temperature) and seed 1, 2, 3. Selection by hand:
-#   sst2: kd T=1 mean .83, T=4 mean .85 -> T=4;   ikd T=1 mean .87, T=4 mean .85 -> T=1
-#   rte:  kd T=1 mean .67, T=4 mean .64 -> T=1;   ikd T=1 mean .68, T=4 mean .70 -> T=4
+# (val, dev) at each run's val-selected checkpoint, per (task, method, temperature), seeds 1-3.
+# Selection on val, by hand (dev would choose differently where marked !):
+#   sst2: kd T=1 val .86 > T=4 .84 -> T=1 (dev .83; T=4's dev .85 !)   ikd T=1 .88 > .86 -> T=1
+#   rte:  kd T=1 val .67 > T=4 .64 -> T=1 (dev .67; T=4's dev .71 !)   ikd T=4 .70 > .68 -> T=4
 SCORES = {
-    ("sst2", "finetune", None): [0.79, 0.83, 0.81],
-    ("sst2", "kd", 1.0): [0.83, 0.84, 0.82],
-    ("sst2", "kd", 4.0): [0.85, 0.86, 0.84],
-    ("sst2", "ikd", 1.0): [0.86, 0.88, 0.87],
-    ("sst2", "ikd", 4.0): [0.84, 0.85, 0.86],
-    ("rte", "finetune", None): [0.60, 0.62, 0.64],
-    ("rte", "kd", 1.0): [0.65, 0.66, 0.70],
-    ("rte", "kd", 4.0): [0.63, 0.64, 0.65],
-    ("rte", "ikd", 1.0): [0.66, 0.69, 0.69],
-    ("rte", "ikd", 4.0): [0.70, 0.71, 0.69],
+    ("sst2", "finetune", None): ([0.80, 0.82, 0.81], [0.79, 0.83, 0.81]),
+    ("sst2", "kd", 1.0): ([0.86, 0.85, 0.87], [0.83, 0.84, 0.82]),
+    ("sst2", "kd", 4.0): ([0.84, 0.85, 0.83], [0.85, 0.86, 0.84]),
+    ("sst2", "ikd", 1.0): ([0.88, 0.87, 0.89], [0.86, 0.88, 0.87]),
+    ("sst2", "ikd", 4.0): ([0.85, 0.86, 0.87], [0.84, 0.85, 0.86]),
+    ("rte", "finetune", None): ([0.60, 0.63, 0.66], [0.60, 0.62, 0.64]),
+    ("rte", "kd", 1.0): ([0.66, 0.67, 0.68], [0.65, 0.66, 0.70]),
+    ("rte", "kd", 4.0): ([0.63, 0.64, 0.65], [0.70, 0.71, 0.72]),
+    ("rte", "ikd", 1.0): ([0.66, 0.69, 0.69], [0.66, 0.69, 0.69]),
+    ("rte", "ikd", 4.0): ([0.70, 0.71, 0.69], [0.70, 0.71, 0.69]),
 }
 SELECTED = {
     ("sst2", "finetune"): None,
-    ("sst2", "kd"): 4.0,
+    ("sst2", "kd"): 1.0,
     ("sst2", "ikd"): 1.0,
     ("rte", "finetune"): None,
     ("rte", "kd"): 1.0,
     ("rte", "ikd"): 4.0,
 }
+# sst2's selected settings re-run on fresh seeds 4, 5 (dev scores); rte has no confirmation.
+CONFIRMED = {
+    ("sst2", "finetune", None): [0.80, 0.82],
+    ("sst2", "kd", 1.0): [0.84, 0.83],
+    ("sst2", "ikd", 1.0): [0.86, 0.89],
+}
 STEPS = (100, 200, 300)
 
 
-def trial_dict(task: str, method: str, temperature: float | None, seed: int) -> dict:
+def trial_dict(
+    task: str, method: str, temperature: float | None, seed: int, phase: str = "search"
+) -> dict:
     ikd = method == "ikd"
     tag = "" if temperature is None else f"-T{temperature:g}"
     return {
-        "trial_id": f"{task}-{method}{tag}-s{seed}",
+        "trial_id": f"{task}-{method}{tag}-{'s' if phase == 'search' else 'c'}{seed}",
         "task": task,
         "method": method,
         "seed": seed,
         "temperature": temperature,
         "exam_every": EXAM_EVERY if ikd else None,
         "teacher_lr": TEACHER_LR if ikd else None,
+        "phase": phase,
     }
 
 
@@ -67,25 +79,41 @@ def run_trial(
     tracker: SweepTracker,
     parent: str,
     trial: dict,
-    score: float,
+    val: float,
+    dev: float,
     status: str = "FINISHED",
     error: str | None = None,
+    tag_phase: bool = True,
 ) -> str:
-    params = {**trial, "train": {"lr": 3e-5, "alpha": 0.5}, "ikd": {"estimator": "exact"}}
-    run_id = tracker.trial_run(parent, trial["trial_id"], tags={}, params=params)
-    # dev/main peaks at the middle evaluation: best = score, final = score - 0.01.
-    curve = [score - 0.02, score, score - 0.01]
-    best = -math.inf
-    for step, value in zip(STEPS, curve, strict=True):
-        best = max(best, value)
-        metrics = {"train/loss": 1.0 / step, "dev/main": value, "dev/accuracy": value}
-        metrics["best/dev_main"] = best
+    """A run logged the way the trainer reports: val/main peaks at the middle evaluation (the
+    selected checkpoint, where dev/main = ``dev``), while dev/main peaks at the first (the
+    diagnostic best/dev_main = dev + .03) and ends at dev − .01 (final/dev_main)."""
+    params = {
+        **{k: v for k, v in trial.items() if k != "phase"},
+        "train": {"lr": 3e-5, "alpha": 0.5},
+        "ikd": {"estimator": "exact"},
+    }
+    tags = {"ikd.phase": trial["phase"]} if tag_phase else {}
+    run_id = tracker.trial_run(parent, trial["trial_id"], tags=tags, params=params)
+    vals = [val - 0.02, val, val - 0.01]
+    devs = [dev + 0.03, dev, dev - 0.01]
+    best_val, best_dev = -math.inf, -math.inf
+    for i, step in enumerate(STEPS):
+        best_dev = max(best_dev, devs[i])
+        metrics = {"train/loss": 1.0 / step, "val/main": vals[i], "dev/main": devs[i]}
+        metrics["dev/accuracy"] = devs[i]
+        if vals[i] > best_val:
+            best_val = vals[i]
+            sel = {"sel/val_main": vals[i], "sel/dev_main": devs[i], "sel/step": step}
+        metrics.update(sel)
+        metrics["best/dev_main"] = best_dev
         if trial["method"] == "ikd":
             metrics["teacher/dev_main"] = 0.9 + step / 10000
         tracker.log_metrics(run_id, metrics, step)
     if status == "RUNNING":
         return run_id
-    final = {"final/dev_main": curve[-1], "final/dev_accuracy": curve[-1]}
+    final = {**sel, "final/dev_main": devs[-1], "final/dev_accuracy": devs[-1]}
+    final["best/dev_main"] = best_dev
     if status == "FINISHED":
         tracker.log_metrics(run_id, final, STEPS[-1])
     tracker.finish_trial(
@@ -103,15 +131,27 @@ def new_tracker(factory: pytest.TempPathFactory, home: Path, experiment: str) ->
 
 @pytest.fixture(scope="module")
 def glue_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """2 tasks × {finetune, kd (2 T), ikd (2 T × 1 exam_every × 1 teacher_lr)} × 3 seeds."""
+    """2 tasks × {finetune, kd (2 T), ikd (2 T × 1 exam_every × 1 teacher_lr)} × 3 seeds, and
+    sst2's selected settings confirmed on 2 fresh seeds."""
     tracker = new_tracker(tmp_path_factory, tmp_path_factory.mktemp("glue"), "glue_demo")
     trials = [
         trial_dict(task, method, temp, seed) for (task, method, temp) in SCORES for seed in SEEDS
     ]
+    trials += [
+        trial_dict(task, method, temp, seed, "confirm")
+        for (task, method, temp) in CONFIRMED
+        for seed in CONFIRM_SEEDS
+    ]
     parent = tracker.start_sweep("glue_demo", {"name": "glue_demo"}, trials)
-    for (task, method, temp), scores in SCORES.items():
-        for seed, score in zip(SEEDS, scores, strict=True):
-            run_trial(tracker, parent, trial_dict(task, method, temp, seed), score)
+    for (task, method, temp), (vals, devs) in SCORES.items():
+        for seed, val, dev in zip(SEEDS, vals, devs, strict=True):
+            run_trial(tracker, parent, trial_dict(task, method, temp, seed), val, dev)
+    for (task, method, temp), devs in CONFIRMED.items():
+        for seed, dev in zip(CONFIRM_SEEDS, devs, strict=True):
+            trial = trial_dict(task, method, temp, seed, "confirm")
+            # One run without the ikd.phase tag: its phase comes from trials.json.
+            untagged = (method, seed) == ("finetune", 5)
+            run_trial(tracker, parent, trial, dev + 0.01, dev, tag_phase=not untagged)
     tracker.end_sweep(parent, "FINISHED")
     return tracker.tracking_uri, parent
 
@@ -123,8 +163,14 @@ def glue_report(glue_store):
     return data, build_report(data.runs, data.expected, data.sweep)
 
 
-def _scores(task: str, method: str) -> np.ndarray:
-    return np.array(SCORES[(task, method, SELECTED[(task, method)])])
+def _search_dev(task: str, method: str) -> np.ndarray:
+    return np.array(SCORES[(task, method, SELECTED[(task, method)])][1])
+
+
+def _reported(task: str, method: str) -> np.ndarray:
+    """What a cell reports: confirmation seeds where they exist, else the search seeds."""
+    key = (task, method, SELECTED[(task, method)])
+    return np.array(CONFIRMED[key]) if key in CONFIRMED else _search_dev(task, method)
 
 
 def test_collect_runs_frame(glue_store, glue_report) -> None:
@@ -132,15 +178,21 @@ def test_collect_runs_frame(glue_store, glue_report) -> None:
     data, _ = glue_report
     runs = data.runs
     assert data.parent_run_id == parent and data.sweep == "glue_demo"
-    assert len(runs) == 30 and len(data.expected) == 30
+    assert len(runs) == 36 and len(data.expected) == 36
     assert set(runs["status"]) == {"FINISHED"}
     assert runs["seed"].dtype.kind == "i"
+    assert runs["phase"].value_counts().to_dict() == {"search": 30, "confirm": 6}
+    assert data.expected["phase"].value_counts().to_dict() == {"search": 30, "confirm": 6}
+    assert runs.set_index("trial_id").loc["sst2-finetune-c5", "phase"] == "confirm"  # untagged
     row = runs.set_index("trial_id").loc["sst2-ikd-T4-s2"]
     assert (row["task"], row["method"], row["seed"]) == ("sst2", "ikd", 2)
     assert (row["temperature"], row["exam_every"], row["teacher_lr"]) == (4.0, 5.0, 1e-5)
     assert row["estimator"] == "exact"
-    assert row["best_dev_main"] == pytest.approx(0.85)
+    assert row["sel_val_main"] == pytest.approx(0.86)
+    assert row["sel_dev_main"] == pytest.approx(0.85)
+    assert row["sel_step"] == 200
     assert row["final_dev_main"] == pytest.approx(0.84)
+    assert row["best_dev_main"] == pytest.approx(0.88)
     assert row["final_dev_accuracy"] == pytest.approx(0.84)
     assert row["teacher_dev_main"] == pytest.approx(0.93)
     assert row["duration_s"] >= 0
@@ -148,49 +200,72 @@ def test_collect_runs_frame(glue_store, glue_report) -> None:
     assert math.isnan(ft["temperature"]) and pd.isna(ft["estimator"])
     hist = data.history(row["run_id"], "dev/main")
     assert list(hist["step"]) == list(STEPS)
-    assert list(hist["value"]) == pytest.approx([0.83, 0.85, 0.84])
+    assert list(hist["value"]) == pytest.approx([0.88, 0.85, 0.84])
 
 
-def test_selection_means_and_stds(glue_report) -> None:
+def test_selection_on_val_reports_dev(glue_report) -> None:
     _, report = glue_report
     sel = report.selected.set_index(["task", "method"])
     assert report.tasks == ["sst2", "rte"]  # GLUE order
     assert report.methods == ["finetune", "kd", "ikd"]
     for (task, method), temp in SELECTED.items():
         row = sel.loc[(task, method)]
-        expected = _scores(task, method)
+        expected = _reported(task, method)
         if temp is None:
             assert math.isnan(row["temperature"])
         else:
             assert row["temperature"] == temp
+        assert row["source"] == ("confirm" if task == "sst2" else "search")
         assert row["mean"] == pytest.approx(expected.mean())
         assert row["std"] == pytest.approx(expected.std(ddof=1))
-        assert row["n"] == 3 and row["n_expected"] == 3 and not row["incomplete"]
+        assert row["n"] == row["n_expected"] == len(expected) and not row["incomplete"]
         if method == "ikd":
             assert (row["exam_every"], row["teacher_lr"]) == (EXAM_EVERY, TEACHER_LR)
-    # Hard-coded too, in case the arrays above and the code share a mistake.
-    assert sel.loc[("sst2", "ikd"), "mean"] == pytest.approx(0.87)
-    assert sel.loc[("sst2", "ikd"), "std"] == pytest.approx(0.01)
+    # By hand. kd picks T=1 on val although T=4 has the better dev score on both tasks.
+    assert sel.loc[("rte", "kd"), "val_score"] == pytest.approx(0.67)
     assert sel.loc[("rte", "kd"), "mean"] == pytest.approx(0.67)
     assert sel.loc[("rte", "kd"), "std"] == pytest.approx(np.sqrt(0.0007))
+    assert sel.loc[("sst2", "kd"), "mean"] == pytest.approx(0.835)  # confirmation seeds 4, 5
+    assert sel.loc[("sst2", "kd"), "seeds"] == [4, 5]
     assert sel.loc[("sst2", "kd"), "n_settings"] == 2
+    cand = report.candidates.set_index(["task", "method", "temperature"])
+    assert cand.loc[("sst2", "kd", 4.0), "mean"] == pytest.approx(0.85)  # search dev, unchosen
+    assert cand.loc[("sst2", "kd", 1.0), "val_score"] == pytest.approx(0.86)
+    # best/dev_main (max over dev, .03 above the selected checkpoint) enters nothing.
+    assert not np.isclose(report.selected["mean"], 0.88).any()
 
 
-def test_differences_and_paired_tests(glue_report) -> None:
+def test_differences_tests_and_cis(glue_report) -> None:
     _, report = glue_report
     comp = report.comparisons.set_index(["task", "comparison"])
     for task in ("sst2", "rte"):
         for a, b in (("ikd", "kd"), ("ikd", "finetune"), ("kd", "finetune")):
-            x, y = _scores(task, a), _scores(task, b)
+            x, y = _reported(task, a), _reported(task, b)
             row = comp.loc[(task, f"{a}-{b}")]
-            assert row["diff"] == pytest.approx(x.mean() - y.mean())
-            assert row["paired_diff"] == pytest.approx((x - y).mean())
-            assert row["n_pairs"] == 3
+            assert row["diff"] == pytest.approx((x - y).mean())
+            assert row["n_pairs"] == len(x)
             assert row["p_value"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
-    assert comp.loc[("sst2", "ikd-kd"), "diff"] == pytest.approx(0.02)
-    assert comp.loc[("rte", "ikd-kd"), "diff"] == pytest.approx(0.03)
-    # sst2: ikd − kd per seed = [.01, .02, .03] -> t = 3.4641, p = 0.07418 (two-sided, df 2)
-    assert comp.loc[("sst2", "ikd-kd"), "p_value"] == pytest.approx(0.0741799, rel=1e-4)
+            assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+            assert (row["n_settings_a"], row["n_settings_b"]) == (
+                1 if a == "finetune" else 2,
+                1 if b == "finetune" else 2,
+            )
+    # sst2 ikd − kd on seeds 4, 5: [.02, .06] -> mean .04, t = 2, p = 0.2952 (df 1); the
+    # bootstrap means of two values are .02, .04, .06 -> 95 % CI [.02, .06].
+    sst2 = comp.loc[("sst2", "ikd-kd")]
+    assert sst2["diff"] == pytest.approx(0.04)
+    assert sst2["p_value"] == pytest.approx(0.295167, rel=1e-4)
+    assert (sst2["ci_low"], sst2["ci_high"]) == pytest.approx((0.02, 0.06))
+    # rte: ikd T=4 − kd T=1 = [.05, .05, −.01] -> mean .03, t = 1.5, p = 0.2724 (df 2).
+    rte = comp.loc[("rte", "ikd-kd")]
+    assert rte["diff"] == pytest.approx(0.03)
+    assert rte["p_value"] == pytest.approx(0.272393, rel=1e-4)
+    # Holm over the two tasks: 2 × 0.2724 = 0.5448 for both (monotone step-down).
+    assert rte["p_holm"] == pytest.approx(2 * 0.272393, rel=1e-4)
+    assert sst2["p_holm"] == pytest.approx(2 * 0.272393, rel=1e-4)
+    # Reproducible: the same report twice gives the same CIs.
+    again = build_report(glue_report[0].runs, glue_report[0].expected, "again").comparisons
+    pd.testing.assert_frame_equal(again, report.comparisons)
 
 
 def test_glue_average(glue_report) -> None:
@@ -198,52 +273,81 @@ def test_glue_average(glue_report) -> None:
     avg = report.average.set_index("method")["mean"]
     assert report.avg_tasks == ["sst2", "rte"]
     assert avg["finetune"] == pytest.approx((0.81 + 0.62) / 2)
-    assert avg["kd"] == pytest.approx((0.85 + 0.67) / 2)
-    assert avg["ikd"] == pytest.approx((0.87 + 0.70) / 2)
+    assert avg["kd"] == pytest.approx((0.835 + 0.67) / 2)
+    assert avg["ikd"] == pytest.approx((0.875 + 0.70) / 2)
     avg_row = report.comparisons.set_index(["task", "comparison"]).loc[("Avg", "ikd-kd")]
-    assert avg_row["diff"] == pytest.approx(0.025) and math.isnan(avg_row["p_value"])
+    assert avg_row["diff"] == pytest.approx(0.035) and math.isnan(avg_row["p_value"])
+    # Resampling within tasks: the Avg CI lies inside the average of the per-task extremes.
+    assert 0.5 * (0.02 - 0.01) <= avg_row["ci_low"] < 0.035 < avg_row["ci_high"]
+    assert avg_row["ci_high"] <= 0.5 * (0.06 + 0.05)
 
 
-def test_best_single_run(glue_report) -> None:
+def test_budget_fair_view(glue_report) -> None:
+    _, report = glue_report
+    curve = report.budget.set_index(["task", "method", "n"])["expected_dev"]
+    # n = 1: a random setting (mean of the settings' search dev); n = all: the val-selected one.
+    assert curve[("sst2", "kd", 1)] == pytest.approx((0.83 + 0.85) / 2)
+    assert curve[("sst2", "kd", 2)] == pytest.approx(0.83)
+    assert curve[("rte", "ikd", 2)] == pytest.approx(0.70)
+    assert curve[("rte", "finetune", 1)] == pytest.approx(0.62)
+    at = report.budget_at.set_index(["task", "method"])
+    assert at.loc[("sst2", "ikd"), "n"] == 2 and at.loc[("sst2", "finetune"), "n"] == 1
+    assert at.loc[("Avg", "kd"), "expected_dev"] == pytest.approx((0.83 + 0.67) / 2)
+
+
+def test_best_single_run_by_val(glue_report) -> None:
     _, report = glue_report
     best = report.best_runs.set_index(["task", "method"])
-    assert best.loc[("sst2", "ikd"), "trial_id"] == "sst2-ikd-T1-s2"
-    assert best.loc[("sst2", "ikd"), "best_dev_main"] == pytest.approx(0.88)
+    assert best.loc[("sst2", "ikd"), "trial_id"] == "sst2-ikd-T1-s3"
+    assert best.loc[("sst2", "ikd"), "sel_dev_main"] == pytest.approx(0.87)
     assert best.loc[("rte", "ikd"), "trial_id"] == "rte-ikd-T4-s2"
-    assert best.loc[("rte", "ikd"), "temperature"] == 4.0
     assert best.loc[("rte", "kd"), "trial_id"] == "rte-kd-T1-s3"
     assert best.loc[("rte", "finetune"), "seed"] == 3
-    assert best.loc[("sst2", "kd"), "final_dev_main"] == pytest.approx(0.85)
+    assert best.loc[("sst2", "kd"), "final_dev_main"] == pytest.approx(0.81)
+    assert best.loc[("sst2", "kd"), "best_dev_main"] == pytest.approx(0.85)
 
 
 def test_renderers(glue_report, tmp_path: Path) -> None:
     data, report = glue_report
     md = render.to_markdown(report)
-    assert "| Task | Fine-tune | KD | IKD | IKD − KD |" in md
-    assert "| sst2 | 81.00 ± 2.00 (3) | 85.00 ± 1.00 (3) | 87.00 ± 1.00 (3) | +2.00 (p=0.074" in md
-    assert "| Avg | 71.50 | 76.00 | 78.50 | +2.50 |" in md
-    assert "### Trial status" in md and "### Best single run" in md
+    assert "| Task | Fine-tune | KD | IKD | IKD − KD [95% CI] | p (Holm) |" in md
+    assert (
+        "| sst2 | 81.00 ± 1.41 (2) | 83.50 ± 0.71 (2) | 87.50 ± 2.12 (2) | +4.00 [+2.00, +6.00] "
+        "| 0.295 (0.545) |"
+    ) in md
+    # rte has no confirmation runs yet: its cells are marked as search seeds.
+    assert "| rte | 62.00 ± 2.00 (3)§ | 67.00 ± 2.65 (3)§ | 70.00 ± 1.00 (3)§ | +3.00 [" in md
+    assert "| 0.272 (0.545) |" in md
+    assert "| Avg | 71.50 | 75.25 | 78.75 | +3.50 [" in md
+    assert "Settings tried per task: Fine-tune 1, KD 2, IKD 2." in md
+    assert "except those marked §" in md
+    for section in ("### Budget-fair view", "### Trial status", "### Best single run (by val)"):
+        assert section in md
+    assert "| sst2 | 2 | 81.00 (n=1/1) | 83.00 (n=2/2) | 87.00 (n=2/2) | +4.00 |" in md
 
     files = render.to_csv(report, tmp_path / "csv", runs=data.runs)
     back = pd.read_csv(tmp_path / "csv" / "selected.csv")
-    assert len(back) == 6 and set(back.columns) >= {"task", "method", "mean", "std", "n"}
+    assert len(back) == 6 and set(back.columns) >= {"task", "method", "mean", "std", "n", "source"}
     sel = back.set_index(["task", "method"])
     assert sel.loc[("rte", "ikd"), "mean"] == pytest.approx(0.70)
-    assert len(pd.read_csv(tmp_path / "csv" / "runs.csv")) == 30
+    assert sel.loc[("sst2", "ikd"), "seeds"] == "4;5"
+    assert len(pd.read_csv(tmp_path / "csv" / "runs.csv")) == 36
+    assert len(pd.read_csv(tmp_path / "csv" / "budget.csv")) == 10  # 2 × (1 + 2 + 2) points
     assert all(p.exists() for p in files)
 
     tex = render.to_latex(report)
     for rule in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}"):
         assert rule in tex
     assert "glue\\_demo" in tex and "glue_demo" not in tex.replace("glue\\_demo", "")
-    assert "87.00 $\\pm$ 1.00 (3)" in tex
+    assert "87.50 $\\pm$ 2.12 (2)" in tex and "IKD $-$ KD [95\\% CI]" in tex
+    assert "tab:ikd-budget" in tex
 
     plots = make_plots(report, data.runs, tmp_path / "plots", history=data.history)
     names = sorted(p.name for p in plots)
     assert names == sorted(
         f"{t}_{kind}.png"
         for t in ("sst2", "rte")
-        for kind in ("temperature", "learning_curves", "ikd_teacher")
+        for kind in ("temperature", "budget", "learning_curves", "ikd_teacher")
     )
     for path in plots:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -252,7 +356,7 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     assert "http://" not in page and "https://" not in page and "<script" not in page
     first = page.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(first)[:4] == b"\x89PNG"
-    assert "<table" in page and "IKD − KD" in page
+    assert "<table" in page and "IKD − KD [95% CI]" in page and "Budget-fair view" in page
 
 
 def test_make_report_writes_all_formats(glue_store, tmp_path: Path) -> None:
@@ -261,7 +365,8 @@ def test_make_report_writes_all_formats(glue_store, tmp_path: Path) -> None:
     assert "| Task | Fine-tune | KD | IKD |" in text
     names = {p.relative_to(tmp_path / "rep").as_posix() for p in files}
     assert {"report.md", "report.tex", "report.html", "selected.csv", "status.csv"} <= names
-    assert any(n.startswith("plots/") and n.endswith(".png") for n in names)
+    assert {"budget.csv", "budget_at.csv", "scores.csv", "status_by_method.csv"} <= names
+    assert "plots/sst2_budget.png" in names
     assert all(p.exists() for p in files)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep.tmp")]
     # Terminal only: nothing written.
@@ -277,14 +382,14 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Failed, killed, running and missing trials, plus a newer sweep where everything failed."""
     tracker = new_tracker(tmp_path_factory, tmp_path_factory.mktemp("messy"), "messy")
     plan = [
-        # (method, temperature, seed, status or None for a missing trial, score)
+        # (method, temperature, seed, status or None for a missing trial, val); dev = val − .1
         ("finetune", None, 1, "FINISHED", 0.50),
         ("finetune", None, 2, "FINISHED", 0.53),
         ("finetune", None, 3, None, 0.0),
         ("kd", 1.0, 1, "FINISHED", 0.55),
         ("kd", 1.0, 2, "FINISHED", 0.57),
         ("kd", 1.0, 3, "FAILED", 0.99),
-        ("kd", 2.0, 1, "FINISHED", 0.54),
+        ("kd", 2.0, 1, "FINISHED", 0.58),
         ("kd", 2.0, 2, "KILLED", 0.98),
         ("kd", 2.0, 3, "RUNNING", 0.97),
         ("ikd", 1.0, 1, "FINISHED", 0.60),
@@ -293,34 +398,48 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     ]
     trials = [trial_dict("cola", m, t, s) for m, t, s, _, _ in plan]
     parent = tracker.start_sweep("messy", {}, trials)
-    for (method, temp, seed, status, score), trial in zip(plan, trials, strict=True):
+    for (method, temp, seed, status, val), trial in zip(plan, trials, strict=True):
         assert trial["seed"] == seed and trial["method"] == method and trial["temperature"] == temp
         if status is not None:
             error = "Traceback\nRuntimeError: boom" if status == "FAILED" else None
-            run_trial(tracker, parent, trial, score, status=status, error=error)
+            run_trial(tracker, parent, trial, val, val - 0.1, status=status, error=error)
 
     time.sleep(0.05)  # distinct start times: the newest sweep must be unambiguous
+    # A run recorded before the val split: it finished, but has dev scores only.
+    old = new_tracker(tmp_path_factory, Path(tracker.home), "old")
+    trial = trial_dict("cola", "kd", 1.0, 1)
+    parent = old.start_sweep("old", {}, [trial])
+    run_id = old.trial_run(parent, trial["trial_id"], tags={}, params=trial)
+    old.log_metrics(run_id, {"dev/main": 0.7, "best/dev_main": 0.7}, 10)
+    old.finish_trial(run_id, "FINISHED", final_metrics={"final/dev_main": 0.7})
+    old.end_sweep(parent, "FINISHED")
+
+    time.sleep(0.05)
     failing = new_tracker(tmp_path_factory, Path(tracker.home), "broken")
     trials = [trial_dict("cola", "kd", 1.0, s) for s in (1, 2)]
     parent = failing.start_sweep("broken", {}, trials)
     for trial in trials:
-        run_trial(failing, parent, trial, 0.5, status="FAILED", error="ValueError: bad config")
+        run_trial(failing, parent, trial, 0.5, 0.4, status="FAILED", error="ValueError: bad config")
     return tracker.tracking_uri
 
 
-def test_status_table_and_failed_runs_excluded(messy_store: str, tmp_path: Path) -> None:
+def test_failed_seeds_count_against_their_setting(messy_store: str, tmp_path: Path) -> None:
     data = collect("messy", messy_store)
     report = build_report(data.runs, data.expected, data.sweep)
     status = report.status.set_index("method")
-    assert status.loc["finetune"].to_dict() == {
-        "task": "cola",
-        "expected": 3,
-        "finished": 2,
-        "failed": 0,
-        "killed": 0,
-        "running": 0,
-        "missing": 1,
-    }
+    assert status.loc["finetune"].to_dict() == pytest.approx(
+        {
+            "task": "cola",
+            "expected": 3,
+            "finished": 2,
+            "failed": 0,
+            "killed": 0,
+            "running": 0,
+            "missing": 1,
+            "failure_rate": 0.0,
+            "stop_rate": 0.0,
+        }
+    )
     kd = status.loc["kd"]
     assert (kd["expected"], kd["finished"], kd["failed"], kd["killed"], kd["running"]) == (
         6,
@@ -330,38 +449,49 @@ def test_status_table_and_failed_runs_excluded(messy_store: str, tmp_path: Path)
         1,
     )
     assert kd["missing"] == 0
+    assert (kd["failure_rate"], kd["stop_rate"]) == pytest.approx((0.2, 0.2))  # of 5 that ended
     assert (status.loc["ikd", "finished"], status.loc["ikd", "missing"]) == (1, 2)
+    by_method = report.status_by_method.set_index("method")
+    assert by_method.loc["kd", "failure_rate"] == pytest.approx(0.2)
     assert data.runs.set_index("trial_id").loc["cola-kd-T1-s3", "error"].endswith("boom")
 
+    # Worst finished val of cola: .50 (finetune seed 1). kd T=2 finished one seed, its best:
+    # on its survivor it would rank .58 > T=1's .56; scored with the worst for its killed and
+    # running seeds it ranks (.58 + .50 + .50) / 3 = .5267 < T=1's (.55 + .57 + .50) / 3 = .54.
+    cand = report.candidates.set_index(["method", "temperature"])
+    assert cand.loc[("kd", 2.0), "val_score"] == pytest.approx((0.58 + 0.5 + 0.5) / 3)
+    assert cand.loc[("kd", 1.0), "val_score"] == pytest.approx(0.54)
+    assert (cand.loc[("kd", 2.0), "n"], cand.loc[("kd", 2.0), "slots"]) == (1, 3)
     sel = report.selected.set_index("method")
-    # FAILED 0.99 / KILLED 0.98 / RUNNING 0.97 never enter: kd T=1 (0.55, 0.57) wins over T=2.
     assert sel.loc["kd", "temperature"] == 1.0
-    assert sel.loc["kd", "mean"] == pytest.approx(0.56)
+    # FAILED .99 / KILLED .98 / RUNNING .97 never enter a mean.
+    assert sel.loc["kd", "mean"] == pytest.approx(0.46)
     assert (sel.loc["kd", "n"], sel.loc["kd", "n_expected"]) == (2, 3)
     assert bool(sel.loc["kd", "incomplete"]) and bool(sel.loc["finetune", "incomplete"])
     assert sel.loc["ikd", "n"] == 1 and math.isnan(sel.loc["ikd", "std"])
-    cand = report.candidates.set_index(["method", "temperature"])
-    assert cand.loc[("kd", 2.0), "mean"] == pytest.approx(0.54)
-    assert cand.loc[("kd", 2.0), "n"] == 1
+    assert set(sel["source"]) == {"search"}
     best = report.best_runs.set_index("method")
-    assert best.loc["kd", "best_dev_main"] == pytest.approx(0.57)
+    assert best.loc["kd", "sel_val_main"] == pytest.approx(0.58)
 
     comp = report.comparisons[report.comparisons["task"].eq("cola")].set_index("comparison")
     assert comp.loc["ikd-kd", "n_pairs"] == 1 and math.isnan(comp.loc["ikd-kd", "p_value"])
+    assert math.isnan(comp.loc["ikd-kd", "ci_low"])
     assert comp.loc["kd-finetune", "n_pairs"] == 2
     assert comp.loc["kd-finetune", "p_value"] == pytest.approx(
-        stats.ttest_rel([0.55, 0.57], [0.50, 0.53]).pvalue
+        stats.ttest_rel([0.45, 0.47], [0.40, 0.43]).pvalue
     )
 
     md = render.to_markdown(report)
-    assert "56.00 ± 1.41 (2)†" in md and "60.00 (1)†" in md
-    assert "p=n/a, n=1" in md
+    assert "| cola | 41.50 ± 2.12 (2)† | 46.00 ± 1.41 (2)† | 50.00 (1)† | +5.00 | – |" in md
+    assert "No confirmation runs" in md and "§" not in md
     status_md = md.split("### Trial status")[1]
-    assert "| cola | KD | 6 | 3 | 1 | 1 | 1 | 0 |" in status_md
-    assert "| Total |  | 12 | 6 | 1 | 1 | 1 | 3 |" in status_md
+    assert "| cola | KD | 6 | 3 | 1 | 1 | 1 | 0 | 20% | 20% |" in status_md
+    assert "| Total |  | 12 | 6 | 1 | 1 | 1 | 3 | 12% | 12% |" in status_md
+    assert "| KD | 6 | 3 | 1 | 1 | 1 | 0 | 20% | 20% |" in status_md  # per method
     # Plots with a single temperature point or missing data are skipped, never crash.
     plots = make_plots(report, data.runs, tmp_path, history=data.history)
     assert sorted(p.name for p in plots) == [
+        "cola_budget.png",
         "cola_ikd_teacher.png",
         "cola_learning_curves.png",
         "cola_temperature.png",
@@ -374,6 +504,9 @@ def test_only_failed_runs_raise(messy_store: str) -> None:
     message = str(info.value)
     assert "'broken'" in message and "FAILED=2" in message and "bad config" in message
     assert info.value.counts == {"FAILED": 2}
+    # Finished, but nothing to select on: dev scores alone are not used to choose.
+    with pytest.raises(NoFinishedRuns, match="no runs with a validation score.*sel/val_main"):
+        make_report("old", messy_store)
 
 
 def test_latest_sweep_and_lookup_errors(
@@ -381,7 +514,7 @@ def test_latest_sweep_and_lookup_errors(
 ) -> None:
     assert latest_sweep_name(messy_store) == "broken"
     assert collect(None, messy_store).sweep == "broken"
-    with pytest.raises(LookupError, match="known sweeps: broken, messy"):
+    with pytest.raises(LookupError, match="known sweeps: broken, old, messy"):
         collect("nope", messy_store)
     empty = new_tracker(tmp_path_factory, tmp_path / "empty", "x")
     assert empty.experiment_id
@@ -400,12 +533,86 @@ def test_tables_without_expected_or_columns() -> None:
             "method": ["kd", "kd"],
             "seed": [1, 2],
             "status": ["FINISHED", "FINISHED"],
-            "best_dev_main": [0.5, 0.7],
+            "sel_val_main": [0.55, 0.75],
+            "sel_dev_main": [0.5, 0.7],
         }
     )
     report = build_report(runs, pd.DataFrame(), "plain")
     row = report.selected.iloc[0]
     assert row["mean"] == pytest.approx(0.6) and not row["incomplete"]
-    assert pd.isna(row["n_expected"])
+    assert pd.isna(row["n_expected"]) and row["source"] == "search"
     assert report.avg_tasks == ["sst2"]
     assert "60.00 ± 14.14 (2)" in render.to_markdown(report)
+    with pytest.raises(ValueError, match="column 'phase' has \\['later'\\]; valid values: search"):
+        build_report(runs.assign(phase="later"), None)
+
+
+def _frame(rows: list[tuple]) -> pd.DataFrame:
+    columns = ["task", "method", "seed", "temperature", "teacher_lr", "phase", "status"]
+    columns += ["sel_val_main", "sel_dev_main"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["run_id"] = frame["trial_id"] = [f"r{i}" for i in range(len(frame))]
+    frame["exam_every"] = np.where(frame["method"].str.startswith("ikd"), 5.0, np.nan)
+    return frame
+
+
+def test_control_confirmation_and_selection_api() -> None:
+    ok = "FINISHED"
+    rows = []
+    for seed in (1, 2):
+        rows += [
+            ("rte", "kd", seed, 2.0, None, "search", ok, 0.60, 0.50 + seed / 100),
+            ("rte", "ikd", seed, 2.0, 1e-5, "search", ok, 0.61, 0.52 + seed / 100),
+            ("rte", "ikd", seed, 4.0, 1e-5, "search", ok, 0.62, 0.40 + seed / 100),
+            ("rte", "ikd", seed, 2.0, 0.0, "search", ok, 0.70, 0.45 + seed / 100),
+        ]
+    # Confirmation of ikd's selected setting (T=4) only; a FAILED confirmation run is ignored.
+    rows += [
+        ("rte", "ikd", 7, 4.0, 1e-5, "confirm", ok, 0.50, 0.60),
+        ("rte", "ikd", 8, 4.0, 1e-5, "confirm", ok, 0.50, 0.64),
+        ("rte", "ikd", 9, 4.0, 1e-5, "confirm", "FAILED", np.nan, np.nan),
+    ]
+    runs = _frame(rows)
+    picked = select_settings(runs, None).set_index("method")
+    # teacher_lr 0 is a control, selected on its own: its .70 val does not win ikd's selection.
+    assert set(picked.index) == {"kd", "ikd", "ikd-control"}
+    assert picked.loc["ikd", "temperature"] == 4.0 and picked.loc["ikd", "teacher_lr"] == 1e-5
+    assert picked.loc["ikd-control", "teacher_lr"] == 0.0
+    assert picked.loc["ikd-control", "base_method"] == "ikd"
+    assert math.isnan(picked.loc["kd", "teacher_lr"]) and math.isnan(picked.loc["kd", "exam_every"])
+
+    report = build_report(runs, None, "control")
+    assert report.methods == ["kd", "ikd", "ikd-control"]
+    sel = report.selected.set_index("method")
+    assert sel.loc["ikd", "source"] == "confirm" and sel.loc["ikd", "seeds"] == [7, 8]
+    assert sel.loc["ikd", "mean"] == pytest.approx(0.62)
+    assert sel.loc["kd", "source"] == "search"
+    # The same columns the sweep driver reads from build_report(...).selected.
+    assert list(report.selected.columns[:5]) == ["task", "method", "base_method", "temperature",
+                                                 "exam_every"]
+    assert "teacher_lr" in report.selected.columns
+    comp = report.comparisons[report.comparisons["task"].eq("rte")].set_index("comparison")
+    assert comp.loc["ikd-ikd-control", "n_pairs"] == 0  # confirm seeds vs search seeds
+    assert "ikd-kd" in comp.index and "kd-finetune" not in comp.index  # no finetune runs
+    md = render.to_markdown(report)
+    assert "IKD control (teacher_lr=0)" in md and "a control, selected separately" in md
+    assert "IKD was given more settings than KD" in md
+
+
+def test_holm_against_hand_values() -> None:
+    # p sorted .01, .02, .03, .04 (m = 4): 4×.01, 3×.02, 2×.03, 1×.04 -> .04, .06, .06, .06.
+    got = holm([0.03, 0.01, np.nan, 0.04, 0.02])
+    assert got[[1, 4, 0, 3]] == pytest.approx([0.04, 0.06, 0.06, 0.06])
+    assert math.isnan(got[2])
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_expected_max_curve_matches_enumeration() -> None:
+    rng = np.random.default_rng(0)
+    val = rng.normal(size=7)
+    dev = rng.normal(size=7)
+    curve = expected_max_curve(val, dev)
+    for n in range(1, 8):
+        picks = [dev[list(c)][np.argmax(val[list(c)])] for c in combinations(range(7), n)]
+        assert curve[n - 1] == pytest.approx(np.mean(picks))
+    assert curve[-1] == pytest.approx(dev[np.argmax(val)])

@@ -1,0 +1,174 @@
+"""Simulated sweeps for testing the report's selection and statistics (A/A tests).
+
+Every setting of every method has the same true score on a task (plus ``effect`` for IKD), so
+any systematic difference the report shows is made by the report itself. A run's val and dev
+scores carry independent noise, as two disjoint data splits would. Pure numpy/pandas; the frames
+have the columns ``analysis.collect`` produces, so ``analysis.tables.build_report`` takes them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+HPARAMS = ("temperature", "exam_every", "teacher_lr")
+# sweeps/glue.yaml's grid: 4 temperatures; IKD also 3 exam_every × 3 teacher_lr (36 settings).
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+EXAM_EVERY = (1.0, 5.0, 10.0)
+TEACHER_LRS = (1e-6, 5e-6, 1e-5)
+METHODS = ["finetune", "kd", "ikd"]
+PHASES = ("search", "confirm")
+STATUSES = ["FINISHED", "FAILED"]
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """One simulated sweep design. Scores are fractions (GLUE style), so 0.01 is one point."""
+
+    n_tasks: int = 5
+    search_seeds: tuple[int, ...] = (1, 2, 3)
+    confirm_seeds: tuple[int, ...] = ()
+    kd_settings: int = 4
+    ikd_settings: int = 36
+    noise: float = 0.01
+    #: sd of a per-run effect shared by its val and dev scores (a lucky seed is lucky on both
+    #: splits); 0 makes val and dev noise independent.
+    run_noise: float = 0.0
+    #: True IKD − everything else, in score units (0.01 = +1 point).
+    effect: float = 0.0
+    #: Probability that an IKD trial FAILS (no metrics), independently per trial.
+    ikd_fail: float = 0.2
+
+
+def _settings(method: str, spec: SimSpec) -> list[tuple[float, float, float]]:
+    nan = float("nan")
+    if method == "finetune":
+        return [(nan, nan, nan)]
+    if method == "kd":
+        temps = [*TEMPERATURES, *np.arange(16.0, 16.0 + spec.kd_settings)]
+        return [(t, nan, nan) for t in temps[: spec.kd_settings]]
+    grid = list(itertools.product(TEMPERATURES, EXAM_EVERY, TEACHER_LRS))
+    # Beyond the glue grid: more temperatures, so any count is possible.
+    extra = itertools.product(np.arange(16.0, 1e4), EXAM_EVERY, TEACHER_LRS)
+    return (grid + list(itertools.islice(extra, max(0, spec.ikd_settings - len(grid)))))[
+        : spec.ikd_settings
+    ]
+
+
+def _frames(
+    rng: np.random.Generator,
+    spec: SimSpec,
+    tasks: Sequence[str],
+    task_mu: np.ndarray,
+    plan: pd.DataFrame,
+    seeds: Sequence[int],
+    phase: str,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs and expected trials: every row of ``plan`` (task index, method, hparams) × seeds."""
+    n_seeds = len(seeds)
+    rep = plan.loc[plan.index.repeat(n_seeds)].reset_index(drop=True)
+    rep["seed"] = np.tile(np.asarray(seeds, dtype=np.int64), len(plan))
+    n = len(rep)
+    mu = task_mu[rep["task_idx"].to_numpy()]
+    is_ikd = rep["method"].eq("ikd").to_numpy()
+    mu = mu + np.where(is_ikd, spec.effect, 0.0)
+    luck = rng.normal(0.0, spec.run_noise, n) if spec.run_noise else 0.0
+    val = mu + luck + rng.normal(0.0, spec.noise, n)
+    dev = mu + luck + rng.normal(0.0, spec.noise, n)
+    failed = is_ikd & (rng.random(n) < spec.ikd_fail)
+    val[failed] = np.nan
+    dev[failed] = np.nan
+    # Categorical strings and integer ids: a thousand simulated sweeps build in a second.
+    # (Fixed categories, so the search and confirmation frames concatenate as categoricals.)
+    task = pd.Categorical.from_codes(rep["task_idx"].to_numpy(), categories=list(tasks))
+    offset = 0 if phase == "search" else 1 << 40
+    trial_id = np.arange(n, dtype=np.int64) + offset
+    expected = pd.DataFrame(
+        {
+            "trial_id": trial_id,
+            "task": task,
+            "method": pd.Categorical(rep["method"], categories=METHODS),
+            "seed": rep["seed"].to_numpy(),
+            **{h: rep[h].to_numpy(dtype=float) for h in HPARAMS},
+            "phase": pd.Categorical.from_codes(
+                np.full(n, PHASES.index(phase)), categories=list(PHASES)
+            ),
+        }
+    )
+    runs = expected.assign(
+        run_id=trial_id,
+        status=pd.Categorical.from_codes(failed.astype(np.int8), categories=STATUSES),
+        sel_val_main=val,
+        sel_dev_main=dev,
+        sel_step=np.where(failed, np.nan, 100.0),
+        final_dev_main=dev,
+        # One checkpoint per run: the dev-chosen checkpoint (old protocol) is the same run score.
+        best_dev_main=dev,
+    )
+    return runs, expected
+
+
+def simulate_search(
+    rng: np.random.Generator, spec: SimSpec, n_sweeps: int = 1
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Search-phase runs and expected trials of ``n_sweeps`` sweeps (tasks ``s<k>-t<j>``;
+    with one sweep just ``t<j>``): finetune, kd and ikd over their settings × search seeds;
+    and each task's true score."""
+    tasks = [
+        f"s{k:04d}-t{j}" if n_sweeps > 1 else f"t{j}"
+        for k in range(n_sweeps)
+        for j in range(spec.n_tasks)
+    ]
+    task_mu = rng.uniform(0.6, 0.9, len(tasks))
+    block = pd.DataFrame(
+        [(m, *hp) for m in METHODS for hp in _settings(m, spec)],
+        columns=["method", *HPARAMS],
+    )
+    # Every task gets the same block of settings.
+    plan = block.loc[np.tile(block.index, len(tasks))].reset_index(drop=True)
+    plan.insert(0, "task_idx", np.repeat(np.arange(len(tasks)), len(block)))
+    runs, expected = _frames(rng, spec, tasks, task_mu, plan, spec.search_seeds, "search")
+    return runs, expected, dict(zip(tasks, task_mu, strict=True))
+
+
+def simulate_confirm(
+    rng: np.random.Generator,
+    spec: SimSpec,
+    task_mu: dict[str, float],
+    selected: pd.DataFrame,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Confirmation runs of each selected (task, method) setting on ``spec.confirm_seeds``,
+    drawn like the search runs (same true scores, fresh noise)."""
+    tasks = list(task_mu)
+    index = {t: i for i, t in enumerate(tasks)}
+    sel = selected[selected["method"].isin(METHODS)]
+    plan = pd.DataFrame(
+        {
+            "task_idx": sel["task"].map(index).to_numpy(),
+            "method": sel["method"].to_numpy(),
+            **{h: sel[h].to_numpy(dtype=float) for h in HPARAMS},
+        }
+    )
+    mu = np.array([task_mu[t] for t in tasks])
+    return _frames(rng, spec, tasks, mu, plan, spec.confirm_seeds, "confirm")
+
+
+def simulate(
+    seed: int,
+    spec: SimSpec,
+    select: Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame],
+    n_sweeps: int = 1,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both phases: search runs, then (when ``spec.confirm_seeds``) confirmation runs of the
+    settings that ``select(runs, expected)`` picks, as the sweep driver does."""
+    rng = np.random.default_rng(seed)
+    runs, expected, task_mu = simulate_search(rng, spec, n_sweeps)
+    if spec.confirm_seeds:
+        more_runs, more_expected = simulate_confirm(rng, spec, task_mu, select(runs, expected))
+        runs = pd.concat([runs, more_runs], ignore_index=True)
+        expected = pd.concat([expected, more_expected], ignore_index=True)
+    return runs, expected
