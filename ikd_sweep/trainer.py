@@ -188,7 +188,13 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm in float32, on the tensors' device (no host sync)."""
-    return torch.stack([t.detach().float().pow(2).sum() for t in tensors]).sum().sqrt()
+    return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).norm()
+
+
+def _moved(params: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
+    """||params - before||, computed in `before`'s storage (it is a scratch copy)."""
+    torch._foreach_sub_(before, [p.detach() for p in params])
+    return _norm(before)
 
 
 class TrainStep:
@@ -255,7 +261,7 @@ class TrainStep:
             fused = res if s.fuse_exam else None
             out = self._course(batch, seed=res.course_seed, fused=fused)
             t_norm = self._teacher_step(t_grads, lr_factor)
-        real = _norm([p - b for (_, p), b in zip(self.s_params, before, strict=True)])
+        real = _moved([p for _, p in self.s_params], before)
         moved = real > 0  # lr_t = 0 (warmup start): no real step to compare with
         out.update({"exam": res.exam_loss.float(), "hypergrad_norm": h_norm,
                     "teacher_update_norm": t_norm, "n_ratio": moved.float(),
@@ -340,7 +346,7 @@ class TrainStep:
             p.grad = g.to(p.dtype)
         self.t_opt.step()
         self.t_opt.zero_grad(set_to_none=True)
-        return _norm([p - b for (_, p), b in zip(self.t_params, before, strict=True)])
+        return _moved([p for _, p in self.t_params], before)
 
 
 def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
