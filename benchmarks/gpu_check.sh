@@ -49,7 +49,7 @@ $PY -c "import ray" 2>/dev/null && echo "WARNING: ray importable (block failed)"
 
 # ---- (1) speed: ikd round / kd step per estimator and lookahead, fused and unfused, peak
 # memory, cached/live kd, course-step samples/s eager and compiled (B=32, 128; L=128, bf16)
-stamp "bench_trainer (base size: 12L teacher, 6L student, hidden 768)"
+stamp "bench_trainer (base: 12L teacher, 6L student, hidden 768, B=32, L=128; SMALL: tiny)"
 if [ "$SMALL" = 1 ]; then
   BENCH=(--size tiny --reps 1 --warmup 0 --compile-batches 8 --estimators finite_difference
          --lookahead sgd)

@@ -191,8 +191,16 @@ def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).norm()
 
 
+def _snapshot(params: list[torch.Tensor], buf: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """A copy of `params` in `buf` (allocated on first use and reused: no per-step allocation)."""
+    if buf is None:
+        return [p.detach().clone() for p in params]
+    torch._foreach_copy_(buf, [p.detach() for p in params])
+    return buf
+
+
 def _moved(params: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
-    """||params - before||, computed in `before`'s storage (it is a scratch copy)."""
+    """||params - before||, computed in `before`'s storage (a scratch copy, overwritten)."""
     torch._foreach_sub_(before, [p.detach() for p in params])
     return _norm(before)
 
@@ -224,6 +232,7 @@ class TrainStep:
                          [(n, p) for n, p in teacher.named_parameters() if p.requires_grad])
         self.devices = sorted({p.device.index or 0 for p in student.parameters()
                                if p.device.type == "cuda"})
+        self._s_buf = self._t_buf = None  # scratch copies for the step-norm diagnostics
         # Plain course steps may run compiled forwards; exam rounds stay eager, so the real
         # step sees the lookahead's dropout masks (compiled kernels draw their own).
         self.s_fwd, self.t_fwd = student, teacher
@@ -253,7 +262,7 @@ class TrainStep:
                 keep_teacher_graph=s.teacher_ce_weight > 0)
         lr_factor = self.sched.get_last_lr()[0] / s.lr  # this step's warmup/decay factor
         t_grads, h_norm = self._teacher_grads(res, batch["labels"])
-        before = [p.detach().clone() for _, p in self.s_params]
+        before = self._s_buf = _snapshot([p for _, p in self.s_params], self._s_buf)
         if s.order == "teacher_first":
             t_norm = self._teacher_step(t_grads, lr_factor)
             out = self._course(batch, seed=res.course_seed)
@@ -322,18 +331,17 @@ class TrainStep:
     def _teacher_grads(self, res: ExamResult, labels: torch.Tensor
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Unit-norm hypergradient (+ weight x unit-norm gold CE gradient); the raw norm."""
-        h = [res.grads[n] for n, _ in self.t_params]
-        h_norm = _norm(h)
+        grads = [res.grads[n] for n, _ in self.t_params]  # ours to scale in place
+        h_norm = _norm(grads)
         # A zero hypergradient (v = 0, or lr_t = 0 in adam's warmup) stays zero.
-        inv = torch.where(h_norm > 0, 1 / h_norm.clamp_min(1e-30), 0.0)
-        grads = [g * inv.to(g.dtype) for g in h]
+        torch._foreach_mul_(grads, torch.where(h_norm > 0, 1 / h_norm.clamp_min(1e-30), 0.0))
         if self.s.teacher_ce_weight > 0:
             gold = task_loss(res.teacher_logits.float(), labels)
             c = torch.autograd.grad(gold, [p for _, p in self.t_params], allow_unused=True)
             c = [torch.zeros_like(p) if ci is None else ci
                  for ci, (_, p) in zip(c, self.t_params, strict=True)]
             w = self.s.teacher_ce_weight / _norm(c).clamp_min(1e-30)
-            grads = [g + w.to(g.dtype) * ci for g, ci in zip(grads, c, strict=True)]
+            torch._foreach_add_(grads, torch._foreach_mul(c, w))
         return grads, h_norm
 
     def _teacher_step(self, grads: list[torch.Tensor], lr_factor: float) -> torch.Tensor:
@@ -341,9 +349,9 @@ class TrainStep:
         if self.s.teacher_schedule == "linear":  # the student's warmup/decay, teacher_lr peak
             for grp in self.t_opt.param_groups:
                 grp["lr"] = self.s.teacher_lr * lr_factor
-        before = [p.detach().clone() for _, p in self.t_params]
+        before = self._t_buf = _snapshot([p for _, p in self.t_params], self._t_buf)
         for (_, p), g in zip(self.t_params, grads, strict=True):
-            p.grad = g.to(p.dtype)
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self.t_opt.step()
         self.t_opt.zero_grad(set_to_none=True)
         return _moved([p for _, p in self.t_params], before)
