@@ -536,3 +536,46 @@ def test_fused_exam_and_course_step_give_the_same_training(home, lookahead):
     logged = {k for _, m in r1.logs for k in m}
     assert {"exam/hypergrad_norm", "exam/teacher_update_norm",
             "exam/lookahead_over_real_step"} <= logged
+
+
+def random_batch(b: int = 4, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 1000, (b, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.randint(0, 2, (b,), generator=g), "idx": torch.arange(b)}
+
+
+@pytest.mark.parametrize("schedule, ce_weight", [("constant", 0.0), ("linear", 0.5)])
+def test_teacher_step_is_unit_norm_feedback_on_the_chosen_schedule(schedule, ce_weight):
+    cfg = sweep()
+    seed_everything(0)
+    teacher, student = build_model(cfg.teacher, 2), build_model(cfg.student, 2)
+    s = FitSettings.for_trial(cfg, trial("ikd"))
+    s.teacher_schedule, s.teacher_ce_weight, s.warmup_ratio = schedule, ce_weight, 0.5
+    opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
+    sched = trainer.get_linear_schedule_with_warmup(opt, 2, 4)  # lr factor 0, .5, 1, .5
+    t_opt = torch.optim.AdamW(teacher.parameters(), lr=s.teacher_lr, weight_decay=0.0)
+    seen: list[tuple[float, float]] = []  # (teacher lr, norm of the gradient it steps on)
+    real_step = t_opt.step
+
+    def recording_step(*a, **kw):
+        norm = torch.cat([p.grad.flatten() for p in teacher.parameters()]).norm().item()
+        seen.append((t_opt.param_groups[0]["lr"], norm))
+        return real_step(*a, **kw)
+
+    t_opt.step = recording_step
+    step = trainer.TrainStep(s, student, opt, sched, torch.device(CPU), teacher=teacher,
+                             t_opt=t_opt)
+    for i in range(4):
+        out = step(random_batch(seed=2 * i), random_batch(seed=2 * i + 1))
+        assert out["hypergrad_norm"] > 0 and out["teacher_update_norm"] >= 0
+    lrs, norms = zip(*seen, strict=True)
+    if schedule == "linear":  # the student's warmup/decay shape, peak teacher_lr
+        assert lrs == pytest.approx([0.0, 0.5 * s.teacher_lr, s.teacher_lr, 0.5 * s.teacher_lr])
+    else:
+        assert lrs == pytest.approx([s.teacher_lr] * 4)
+    if ce_weight == 0:  # the hypergradient's own scale is gone: unit norm
+        assert norms == pytest.approx([1.0] * 4, rel=1e-5)
+    else:  # unit feedback + 0.5 x unit gold gradient: between 0.5 and 1.5
+        assert all(0.5 <= n <= 1.5 for n in norms)
