@@ -76,7 +76,7 @@ class AdamLookahead:
         """(shift, P) for the student tensors `params` whose course gradient is `g`."""
         coef = 1.0
         if self.max_grad_norm:  # as torch.nn.utils.clip_grad_norm_
-            norm = _dot(g, g).sqrt().item()
+            norm = _norm([gi.detach() for gi in g]).item()
             coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
         shifts, precs = [], []
         with torch.no_grad():
@@ -167,6 +167,18 @@ def _full(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _each(op, first: list[Tensor], *rest, **kw) -> list[Tensor]:
+    """A torch._foreach_* op that also accepts empty lists (a student with nothing to train)."""
+    return list(op(first, *rest, **kw)) if first else []
+
+
+def _norm(xs: list[Tensor]) -> Tensor:
+    """Global L2 norm (float64 scalar) from per-tensor norms: no float64 copies of the inputs."""
+    if not xs:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([n.double() for n in torch._foreach_norm(xs)]).norm()
+
+
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """sum_i <a_i, b_i>, accumulated in float64 (one tensor pair at a time, to spare memory)."""
     total = torch.zeros((), dtype=torch.float64)
@@ -244,16 +256,23 @@ def exam_hypergradient(
         s_out = student_course(theta)
         loss_c = l_course(s_out, t_fixed)
         g = _grad(loss_c, theta.values(), create_graph=exact)
-        if lookahead == "sgd":
-            shift, prec = None, [lookahead_lr] * len(g)
+        sgd = lookahead == "sgd"
+        if sgd:  # P = lookahead_lr everywhere, no shift
+            shift, prec = None, None
         else:
             shift, prec = AdamLookahead(optimizer, max_grad_norm)([p for _, p in s_named], g)
-        step = [-pr * gi for pr, gi in zip(prec, g, strict=True)]
-        if shift is not None:
-            step = [st + sh for st, sh in zip(step, shift, strict=True)]
-        theta1 = {n: p + st for (n, p), st in zip(theta.items(), step, strict=True)}
-        if not exact:
-            theta1 = {n: p.detach().requires_grad_() for n, p in theta1.items()}
+        base = list(theta.values())
+        if exact:  # differentiable in theta_t through g
+            step = ([-lookahead_lr * gi for gi in g] if sgd else
+                    [sh - pr * gi for sh, pr, gi in zip(shift, prec, g, strict=True)])
+            theta1 = dict(zip(theta, [p + st for p, st in zip(base, step, strict=True)],
+                              strict=True))
+        else:  # constants: fused foreach ops, no graph
+            with torch.no_grad():
+                step = (_each(torch._foreach_mul, g, -lookahead_lr) if sgd else
+                        _each(torch._foreach_sub, shift, _each(torch._foreach_mul, prec, g)))
+                theta1 = {n: p.requires_grad_() for n, p
+                          in zip(theta, _each(torch._foreach_add, base, step), strict=True)}
         with seeded(seed_e, devices):
             e_logits, _ = _forward(student, exam_batch, False, theta1)
         exam_loss = task_loss(_full(e_logits), exam_batch["labels"])
@@ -262,24 +281,24 @@ def exam_hypergradient(
         keep = keep_teacher_graph
         if exact:
             grads = _grad(exam_loss, t_params, retain_graph=keep)
-        elif estimator == "first_order":
-            u = [pr * vi for pr, vi in zip(prec, v, strict=True)]
-            grads = _first_order(t_out[0], g, u, temperature, t_params, keep)
         else:
-            u = [pr * vi for pr, vi in zip(prec, v, strict=True)]  # FD direction P * v
-            if (unorm := _dot(u, u).sqrt().item()) == 0:
+            # u = P * v; for sgd kept as v with the scalar lookahead_lr folded in below
+            u, scale = (v, lookahead_lr) if sgd else (_each(torch._foreach_mul, prec, v), 1.0)
+            if estimator == "first_order":
+                grads = _first_order(t_out[0], g, u, scale, temperature, t_params, keep)
+            elif (unorm := scale * _norm(u).item()) == 0:
                 grads = [torch.zeros_like(p) for p in t_params]
             else:
-                eps = fd_epsilon / unorm
-                with torch.no_grad():  # student outputs at theta_s +/- eps u: constants
-                    s_pm = [student_course({n: p + sign * eps * ui for (n, p), ui
-                                            in zip(theta.items(), u, strict=True)})
+                eps = fd_epsilon / unorm  # theta_s +/- eps * P * v moves fd_epsilon
+                with torch.no_grad():  # student outputs at those points: constants
+                    s_pm = [student_course(dict(zip(theta, _each(
+                        torch._foreach_add, base, u, alpha=sign * eps * scale), strict=True)))
                             for sign in (1.0, -1.0)]
                 # One backward into the teacher; the gold-label term has no theta_t in it.
                 diff = l_course(s_pm[0], t_out) - l_course(s_pm[1], t_out)
-                grads = [gr * (-1 / (2 * eps)) for gr in _grad(diff, t_params, retain_graph=keep)]
+                grads = _grad(diff * (-1 / (2 * eps)), t_params, retain_graph=keep)
         with torch.no_grad():
-            step_norm = _dot(step, step).sqrt()
+            step_norm = _norm(step)
     return ExamResult(
         grads={n: gr.detach() for (n, _), gr in zip(t_named, grads, strict=True)},
         exam_loss=exam_loss.detach(),
@@ -292,14 +311,14 @@ def exam_hypergradient(
     )
 
 
-def _first_order(t_logits, g, u, temperature, t_params, retain_graph):
+def _first_order(t_logits, g, u, scale, temperature, t_params, retain_graph):
     """Meta-Pseudo-Labels feedback: h * grad CE(t/T, argmax t), h = g . (P * v).
 
     h is the first-order predicted decrease of L_exam from the teacher-dependent part of the
     lookahead step (lr * g.v for sgd): with h > 0 a descent step makes the teacher more
     confident in its own pseudo-labels, with h < 0 less.
     """
-    h = _dot(g, u)
+    h = _dot(g, u) * scale
     loss = F.cross_entropy(_full(t_logits) / temperature, t_logits.argmax(-1))
     return [gr * h.to(gr) for gr in _grad(loss, t_params, retain_graph=retain_graph)]
 
