@@ -101,14 +101,17 @@ def measure(fns: dict[str, Callable[[], None]], device, reps: int, warmup: int) 
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    # On CPU, the process's CPU time: on a shared machine, waiting for a core is not the step's
+    # cost (run with one torch thread, OMP_NUM_THREADS=1, so that spinning threads do not count).
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -82,7 +82,7 @@ fast = PreTrainedTokenizerFast(
     model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 out.mkdir(parents=True, exist_ok=True)
 fast.save_pretrained(out)
-width = 64 if small else 256
+width = 128 if small else 256
 BertConfig(vocab_size=len(fast), hidden_size=width, num_hidden_layers=4,
            num_attention_heads=4, intermediate_size=4 * width,
            max_position_embeddings=128).save_pretrained(out)
@@ -92,7 +92,7 @@ print(f"vocab {len(fast)} from {len(rows)} sentences; hidden {width}; "
 PYEOF
 
 if [ "$SMALL" = 1 ]; then
-  ROWS=1500; EPOCHS=1; EVAL=300
+  ROWS=8000; EPOCHS=2; EVAL=872
 else
   ROWS=20000; EPOCHS=2; EVAL=872
 fi
