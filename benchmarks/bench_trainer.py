@@ -1,16 +1,20 @@
 """Trainer speed ratios, measured side by side in one run.
 
     python benchmarks/bench_trainer.py                           # CPU, small models (1-2 min)
+    python benchmarks/bench_trainer.py --json                    # one JSON object on stdout
     python benchmarks/bench_trainer.py --device cuda --size base # BERT-base teacher, 6L student
 
 Prints, as medians of interleaved repetitions after a warm-up:
 
-1. an ikd exam step (`exam_hypergradient`) over a course step (student forward + backward +
-   AdamW step on a live teacher's soft targets), for each estimator;
+1. the whole ikd round (exam + the real course step + teacher update, the trainer's own
+   `TrainStep`) over a kd course step with a live teacher, per estimator and lookahead, fused
+   (the real step reuses the exam's course gradient and teacher outputs) and unfused, at
+   exam_every 1 and 10 (k - 1 plain course steps plus one round, over k kd steps);
 2. a kd course step on cached teacher logits over one with a live teacher forward pass;
 3. per-batch padding of length-grouped batches (`ikd_sweep.data.batch_order` + `collate`, what
    the trainer does) over padding every batch to max_length, timed as student forward +
    backward on real SST-2 sentence lengths, with the fraction of padding tokens of each;
+4. (`--compile-batches`, CUDA) the kd course step's samples/s eager and with `train.compile`;
 
 and the course step's samples/s. Models are random-init BERTs (speed does not depend on the
 weights). No Ray or MLflow: the script imports the trainer's building blocks only.
@@ -19,6 +23,8 @@ weights). No Ray or MLflow: the script imports the trainer's building blocks onl
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import platform
 import statistics
 import sys
@@ -29,7 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    get_linear_schedule_with_warmup,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -38,10 +48,10 @@ except ImportError:  # a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
 from ikd_sweep.data import Split, batch_order, collate, read_glue_tsv  # noqa: E402
-from ikd_sweep.distill.exam import ESTIMATORS, exam_hypergradient  # noqa: E402
-from ikd_sweep.distill.losses import course_loss  # noqa: E402
+from ikd_sweep.distill.exam import ESTIMATORS  # noqa: E402
 from ikd_sweep.models import autocast, model_inputs  # noqa: E402
 from ikd_sweep.tasks import get_task  # noqa: E402
+from ikd_sweep.trainer import FitSettings, TrainStep  # noqa: E402
 
 VOCAB = 30522  # BERT uncased, the MiniLM tokenizer's vocabulary
 
@@ -77,32 +87,6 @@ def random_batch(b: int, seq: int, vocab: int, device: torch.device, seed: int) 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class CourseStep:
-    """The trainer's kd course step: soft targets (live or cached), student fwd+bwd, AdamW."""
-
-    def __init__(self, student, device, temperature=2.0, alpha=0.5):
-        self.student, self.device = student, device
-        self.t, self.alpha = temperature, alpha
-        self.opt = torch.optim.AdamW(student.parameters(), lr=1e-5,
-                                     fused=device.type == "cuda")
-
-    def __call__(self, batch, teacher=None, cached_logits=None) -> None:
-        with autocast(self.device):
-            out = self.student(**model_inputs(batch))
-            if cached_logits is not None:
-                t_logits = cached_logits[batch["idx"]]
-            else:
-                with torch.no_grad():
-                    t_logits = teacher(**model_inputs(batch)).logits.float()
-            s_logits = out.logits.float()
-            loss = course_loss(s_logits, t_logits, batch["labels"], temperature=self.t,
-                               alpha=self.alpha)
-            with torch.no_grad():  # the trainer's logged KD term
-                course_loss(s_logits, t_logits, batch["labels"], temperature=self.t, alpha=1.0)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
-        self.opt.step()
 
 
 def measure(fns: dict[str, Callable[[], None]], device, reps: int, warmup: int) -> dict:
@@ -110,14 +94,17 @@ def measure(fns: dict[str, Callable[[], None]], device, reps: int, warmup: int) 
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    # On CPU, the process's CPU time: on a shared machine, waiting for a core is not the step's
+    # cost (run with one torch thread, OMP_NUM_THREADS=1, so that spinning threads do not count).
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -128,7 +115,29 @@ def ms(seconds: float) -> str:
 # ----------------------------------------------------------------------------- (1) and (2)
 
 
-def bench_steps(args, size: dict, device: torch.device, vocab: int) -> None:
+def make_step(method: str, student, teacher, device, *, estimator="finite_difference",
+              lookahead="sgd", fuse=True, cached=None, compile_=False) -> TrainStep:
+    """The trainer's own step (`TrainStep`), as `fit` builds it: AdamW, linear schedule."""
+    s = FitSettings(method=method, seed=0, epochs=1, batch_size=1, eval_batch_size=1, lr=1e-5,
+                    weight_decay=0.01, warmup_ratio=0.0, max_grad_norm=1.0, eval_every=None,
+                    log_every=1, max_steps=None, alpha=0.5, temperature=2.0, exam_every=1,
+                    teacher_lr=1e-6, estimator=estimator, lookahead_lr=5e-5,
+                    lookahead=lookahead, fuse_exam=fuse, compile=compile_)
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, fused=cuda)
+    sched = get_linear_schedule_with_warmup(opt, 0, 10**9)
+    t_opt = None
+    if method == "ikd":
+        t_opt = torch.optim.AdamW(teacher.parameters(), lr=s.teacher_lr, weight_decay=0.0,
+                                  fused=cuda)
+    return TrainStep(s, student, opt, sched, device, teacher=teacher, teacher_logits=cached,
+                     t_opt=t_opt)
+
+
+def bench_steps(args, size: dict, device: torch.device, vocab: int) -> dict:
     b, seq = size["batch"], size["seq"]
     teacher = make_model(size["teacher"], vocab, 0).to(device).eval()  # as in fit: no dropout
     student = make_model(size["student"], vocab, 1).to(device).train()
@@ -136,20 +145,24 @@ def bench_steps(args, size: dict, device: torch.device, vocab: int) -> None:
     quiz = random_batch(b, seq, vocab, device, 1)
     with torch.no_grad(), autocast(device):
         cached = teacher(**model_inputs(course)).logits.float()  # logits "of the training set"
-    step = CourseStep(student, device)
-    kw = dict(temperature=2.0, alpha=0.5, lookahead_lr=5e-5)
+    for p in teacher.parameters():  # as fit does for ikd (kd's forward runs under no_grad)
+        p.requires_grad_(True)
 
-    def exam(estimator):
-        def run():
-            with autocast(device):
-                exam_hypergradient(teacher, student, course, quiz, estimator=estimator, **kw)
-        return run
-
-    fns = {"course (live teacher)": lambda: step(course, teacher=teacher),
-           "course (cached logits)": lambda: step(course, cached_logits=cached)}
-    fns.update({f"exam {e}": exam(e) for e in ESTIMATORS})
+    kd_live = make_step("kd", student, teacher, device)
+    kd_cached = make_step("kd", student, None, device, cached=cached)
+    fns = {"kd course (live teacher)": lambda: kd_live(course),
+           "kd course (cached logits)": lambda: kd_cached(course)}
+    rounds = {}
+    for la in args.lookahead:
+        for e in args.estimators:
+            for fuse in (True, False):
+                step = make_step("ikd", student, teacher, device, estimator=e, lookahead=la,
+                                 fuse=fuse)
+                name = f"ikd round {e} {la} {'fused' if fuse else 'unfused'}"
+                rounds[(e, la, fuse)] = name
+                fns[name] = (lambda st: lambda: st(course, quiz))(step)
     t = measure(fns, device, args.reps, args.warmup)
-    live, cache = t["course (live teacher)"], t["course (cached logits)"]
+    live, cache = t["kd course (live teacher)"], t["kd course (cached logits)"]
 
     mem = {}
     if device.type == "cuda":  # peak allocated during each step on its own (models included)
@@ -161,16 +174,53 @@ def bench_steps(args, size: dict, device: torch.device, vocab: int) -> None:
 
     def row(name, extra=""):
         m = f"  peak {mem[name]:5.2f} GiB" if mem else ""
-        return f"  {name:<28}{ms(t[name])}{m}{extra}"
+        return f"  {name:<40}{ms(t[name])}{m}{extra}"
 
-    print("\n(1) ikd exam step / course step (live-teacher soft targets)")
-    print(row("course (live teacher)", f"  {b / live:8.1f} samples/s"))
-    for e in ESTIMATORS:
-        print(row(f"exam {e}", f"  ratio {t[f'exam {e}'] / live:5.2f}"))
+    def per_step(name, k):  # an exam every k steps: k - 1 plain course steps and one round
+        return (t[name] + (k - 1) * live) / (k * live)
+
+    result: dict = {"lookahead": args.lookahead[0], "ikd_round_over_kd_step": {},
+                    "ikd_round_over_kd_step_unfused": {}}
+    print("\n(1) ikd round (exam + course step) / kd course step (live teacher); an exam every "
+          "k steps costs (round + (k-1) course) / (k course)")
+    print(row("kd course (live teacher)", f"  {b / live:8.1f} samples/s"))
+    for (e, la, fuse), name in rounds.items():
+        k1, k10 = per_step(name, 1), per_step(name, 10)
+        print(row(name, f"  k=1 {k1:5.2f}  k=10 {k10:5.2f}"))
+        if la == args.lookahead[0]:
+            key = "ikd_round_over_kd_step" + ("" if fuse else "_unfused")
+            result[key][e] = {"exam_every_1": round(k1, 3), "exam_every_10": round(k10, 3)}
     print("\n(2) kd course step: cached teacher logits / live teacher forward")
-    print(row("course (cached logits)", f"  {b / cache:8.1f} samples/s"))
-    print(row("course (live teacher)", f"  {b / live:8.1f} samples/s"))
+    print(row("kd course (cached logits)", f"  {b / cache:8.1f} samples/s"))
+    print(row("kd course (live teacher)", f"  {b / live:8.1f} samples/s"))
     print(f"  ratio cached / live: {cache / live:.2f}")
+    result["kd_cached_over_live"] = round(cache / live, 3)
+    result["kd_course_samples_per_s"] = round(b / live, 1)
+    if mem:
+        result["peak_gib"] = {k: round(v, 2) for k, v in mem.items()}
+    return result
+
+
+def bench_compile(args, size: dict, device: torch.device, vocab: int) -> dict:
+    """kd course step (live teacher) samples/s, eager vs `train.compile` (CUDA only)."""
+    seq = size["seq"]
+    teacher = make_model(size["teacher"], vocab, 0).to(device).eval()
+    student = make_model(size["student"], vocab, 1).to(device).train()
+    out: dict = {}
+    print(f"\n(4) kd course step samples/s, eager vs compiled (seq {seq})")
+    for b in args.compile_batches:
+        course = random_batch(b, seq, vocab, device, 0)
+        fns = {}
+        for comp in (False, True):
+            if comp and device.type != "cuda":
+                print("  compiled: skipped (train.compile is CUDA-only)")
+                continue
+            step = make_step("kd", student, teacher, device, compile_=comp)
+            fns["compiled" if comp else "eager"] = (lambda st, c=course: lambda: st(c))(step)
+        t = measure(fns, device, args.reps, max(args.warmup, 3))  # compile on the warm-up
+        out[f"batch_{b}"] = {k: round(b / v, 1) for k, v in t.items()}
+        print(f"  batch {b:4d}: " + "  ".join(f"{k} {b / v:8.1f} samples/s" for k, v in t.items()))
+    return out
 
 
 # ----------------------------------------------------------------------------- (3) padding
@@ -265,7 +315,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default="minilm",
                    help="minilm (packaged all-MiniLM-L6-v2), a hub id or a local path")
     p.add_argument("--skip", nargs="*", default=[], choices=["steps", "padding"])
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
+    p.add_argument("--lookahead", nargs="+", default=["sgd"], choices=["sgd", "adam"],
+                   help="lookaheads to time (the first one goes into --json)")
+    p.add_argument("--compile-batches", nargs="*", type=int, default=[],
+                   help="also time the kd course step eager vs torch.compile at these batch "
+                        "sizes (CUDA), e.g. 32 128")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the ratios on stdout (the report on stderr)")
     args = p.parse_args(argv)
+    if args.json:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(args, p)
+        print(json.dumps(result))
+    else:
+        run(args, p)
+
+
+def run(args, p: argparse.ArgumentParser) -> dict:
     args.reps = args.reps or (30 if args.size == "base" else 15)
     args.pad_batches = args.pad_batches or (50 if args.size == "base" else 20)
 
@@ -281,13 +348,17 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {size['batch']}, seq {size['seq']}; median of {args.reps} interleaved reps "
           f"after {args.warmup} warm-up")
     t0 = time.perf_counter()
+    result: dict = {"device": str(name or device), "size": args.size}
     if "steps" not in args.skip:
-        bench_steps(args, size, device, VOCAB)
+        result.update(bench_steps(args, size, device, VOCAB))
+    if args.compile_batches:
+        result["course_samples_per_s"] = bench_compile(args, size, device, VOCAB)
     if "padding" not in args.skip:
         bench_padding(args, size, device)
     heavy = sorted(m for m in ("ray", "mlflow") if m in sys.modules)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; Ray/MLflow imported: {heavy or 'no'}")
     assert not heavy, "the trainer's building blocks must not import Ray or MLflow"
+    return result
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Exam-step hypergradient: each estimator against a brute-force finite difference."""
 
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 from transformers import BertConfig, BertForSequenceClassification
 
-from ikd_sweep.distill.exam import ESTIMATORS, exam_hypergradient
+from ikd_sweep.distill.exam import ESTIMATORS, AdamLookahead, exam_hypergradient
 from ikd_sweep.distill.losses import course_loss, task_loss
 
 KW = dict(temperature=2.0, alpha=0.7, lookahead_lr=0.5)
@@ -318,3 +321,152 @@ def test_unknown_estimator():
     teacher, student, course, exam = setup()
     with pytest.raises(ValueError, match="exact.*finite_difference.*first_order"):
         exam_hypergradient(teacher, student, course, exam, estimator="hessian", **KW)
+
+
+# --- lookahead: adam (the student's own AdamW step, second moment and clip held fixed) ------
+
+
+def warm_adamw(student, lr=0.02, wd=0.1, steps=2, seed=5):
+    """The trainer's AdamW (decay / no-decay groups) after a few steps, at a scheduled lr."""
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+    )
+    g = torch.Generator().manual_seed(seed)
+    saved = {n: p.detach().clone() for n, p in student.named_parameters()}
+    for _ in range(steps):  # random gradients: only the optimizer state matters here
+        for p in student.parameters():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.01
+        opt.step()
+    with torch.no_grad():  # back to the original weights, keeping m, v and t
+        for n, p in student.named_parameters():
+            p.copy_(saved[n])
+            p.grad = None
+    for grp in opt.param_groups:
+        grp["lr"] = lr  # as a scheduler would set it
+    return opt
+
+
+def course_grad(teacher, student, course):
+    inputs = {k: course[k] for k in INPUTS}
+    with torch.no_grad():
+        t = teacher(**inputs).logits
+    names, params = zip(*student.named_parameters(), strict=True)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in zip(names, params, strict=True)}
+    s = functional_call(student, theta, (), inputs).logits
+    lc = course_loss(s, t, course["labels"], temperature=KW["temperature"], alpha=KW["alpha"])
+    return list(torch.autograd.grad(lc, list(theta.values())))
+
+
+def adam_exam_loss(teacher, student, course, exam, shift, prec):
+    """L_exam after theta' = theta + shift - P * g(theta_t), shift and P fixed (brute force)."""
+    g = course_grad(teacher, student, course)
+    theta1 = {
+        n: p.detach() + sh - pr * gi
+        for (n, p), sh, pr, gi in zip(student.named_parameters(), shift, prec, g, strict=True)
+    }
+    with torch.no_grad():
+        e = functional_call(student, theta1, (), {k: exam[k] for k in INPUTS})
+    return task_loss(e.logits, exam["labels"]).item()
+
+
+@pytest.mark.parametrize("num_labels", [3, 1])
+def test_adam_lookahead_matches_real_adamw_step_and_brute_force(num_labels):
+    teacher, student, course, exam = setup(num_labels)
+    opt = warm_adamw(student)
+    params = list(student.parameters())
+    g = course_grad(teacher, student, course)
+    clip = 0.5 * torch.cat([x.flatten() for x in g]).norm().item()  # clipping is active
+    shift, prec = AdamLookahead(opt, clip)(params, g)
+
+    # The lookahead is the step AdamW really takes (on a copy of student and optimizer).
+    s2, opt2 = copy.deepcopy((student, opt))
+    for p, gi in zip(s2.parameters(), g, strict=True):
+        p.grad = gi.clone()
+    torch.nn.utils.clip_grad_norm_(s2.parameters(), clip)
+    opt2.step()
+    for p, p2, sh, pr, gi in zip(params, s2.parameters(), shift, prec, g, strict=True):
+        assert torch.allclose(p.detach() + sh - pr * gi, p2.detach(), rtol=1e-12, atol=1e-15)
+
+    kw = dict(KW, lookahead="adam", optimizer=opt, max_grad_norm=clip)
+    exact = exam_hypergradient(teacher, student, course, exam, estimator="exact", **kw)
+    fd = exam_hypergradient(teacher, student, course, exam, estimator="finite_difference", **kw)
+    pairs = zip(params, s2.parameters(), strict=True)
+    real_step = torch.cat([(p2 - p).detach().flatten() for p, p2 in pairs])
+    assert exact.lookahead_norm.item() == pytest.approx(real_step.norm().item(), rel=1e-10)
+    assert exact.exam_loss.item() == pytest.approx(
+        adam_exam_loss(teacher, student, course, exam, shift, prec), rel=1e-12
+    )
+    assert cosine(exact.grads, fd.grads) >= 0.999
+
+    # float64 brute force: a random direction through all teacher weights, and single weights
+    tp = dict(teacher.named_parameters())
+    gen = torch.Generator().manual_seed(11)
+    d = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in tp.items()}
+    h = 1e-6
+
+    def loss_at(step):
+        with torch.no_grad():
+            for n, p in tp.items():
+                p += step * d[n]
+        out = adam_exam_loss(teacher, student, course, exam, shift, prec)
+        with torch.no_grad():
+            for n, p in tp.items():
+                p -= step * d[n]
+        return out
+
+    want = (loss_at(h) - loss_at(-h)) / (2 * h)
+    got = sum((exact.grads[n] * d[n]).sum() for n in tp).item()
+    assert abs(want) > 1e-6
+    assert got == pytest.approx(want, rel=1e-6)
+    for name in CHECKED:
+        idx = tuple(
+            int(i)
+            for i in torch.unravel_index(exact.grads[name].abs().argmax(), exact.grads[name].shape)
+        )
+        old = tp[name][idx].item()
+        losses = []
+        for x in (old + h, old - h):
+            with torch.no_grad():
+                tp[name][idx] = x
+            losses.append(adam_exam_loss(teacher, student, course, exam, shift, prec))
+        with torch.no_grad():
+            tp[name][idx] = old
+        want = (losses[0] - losses[1]) / (2 * h)
+        assert abs(want) > 1e-7, f"{name}: uninformative weight"
+        assert exact.grads[name][idx].item() == pytest.approx(want, rel=1e-6), name
+
+
+def test_adam_lookahead_on_a_fresh_optimizer_is_sign_like_and_sgd_unchanged():
+    teacher, student, course, exam = setup()
+    opt = torch.optim.AdamW(student.parameters(), lr=0.01, weight_decay=0.0)  # t = 0, no state
+    res = exam_hypergradient(
+        teacher, student, course, exam, **dict(KW, lookahead="adam", optimizer=opt)
+    )
+    g = course_grad(teacher, student, course)
+    # First AdamW step: lr * g / (|g| + eps), elementwise.
+    step = torch.cat([(0.01 * gi / (gi.abs() + 1e-8)).flatten() for gi in g])
+    assert res.lookahead_norm.item() == pytest.approx(step.norm().item(), rel=1e-9)
+    # sgd stays MetaDistil's plain step of lookahead_lr
+    sgd = exam_hypergradient(teacher, student, course, exam, **KW)
+    want = KW["lookahead_lr"] * torch.cat([gi.flatten() for gi in g]).norm().item()
+    assert sgd.lookahead_norm.item() == pytest.approx(want, rel=1e-12)
+    assert all(torch.equal(sgd.course_grad[n], res.course_grad[n]) for n in sgd.course_grad)
+
+
+def test_adam_lookahead_needs_the_optimizer():
+    teacher, student, course, exam = setup()
+    with pytest.raises(ValueError, match="needs the student's optimizer"):
+        exam_hypergradient(teacher, student, course, exam, lookahead="adam", **KW)
+    with pytest.raises(ValueError, match="sgd.*adam"):
+        exam_hypergradient(teacher, student, course, exam, lookahead="lbfgs", **KW)
+
+
+def test_first_order_with_adam_lookahead_uses_the_preconditioned_feedback():
+    teacher, student, course, exam = setup()
+    opt = warm_adamw(student)
+    kw = dict(KW, lookahead="adam", optimizer=opt)
+    fo = exam_hypergradient(teacher, student, course, exam, estimator="first_order", **kw)
+    ex = exam_hypergradient(teacher, student, course, exam, estimator="exact", **kw)
+    assert flat(fo.grads).abs().sum() > 0 and math.isfinite(cosine(fo.grads, ex.grads))

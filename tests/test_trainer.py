@@ -24,7 +24,7 @@ from ikd_sweep import trainer
 from ikd_sweep.cli import app
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import prepare_data
-from ikd_sweep.models import build_model, load_tokenizer, tiny_spec
+from ikd_sweep.models import build_model, load_tokenizer, model_inputs, tiny_spec
 from ikd_sweep.trainer import FitSettings, NonFiniteLoss, fit, seed_everything
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
@@ -297,7 +297,8 @@ def test_callback_receives_the_promised_metric_names(home, method):
     assert {"sel/val_main", "sel/dev_main", "sel/step"} <= reported
     distill = {"train/kd_loss"}
     teacher = {"teacher/val_main", "teacher/dev_main"}
-    ikd_only = {"exam/loss"}
+    ikd_only = {"exam/loss", "exam/hypergrad_norm", "exam/teacher_update_norm",
+                "exam/lookahead_over_real_step"}
     if method == "finetune":
         assert not (distill | ikd_only | teacher) & (logged | reported)
     else:
@@ -557,3 +558,151 @@ def test_checkpoint_save_survives_a_crash_leftover(tmp_path, monkeypatch):
     trainer._save_checkpoint(ckpt, {"step": 3})
     assert load_state(ckpt)["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+# ----------------------------------------------------------------------------- ikd rounds
+
+
+def ikd_fit(cfg: SweepConfig, home: Path, teacher: torch.nn.Module, **settings):
+    """fit() of an ikd trial on RTE with a given (random tiny) teacher; returns the student."""
+    tokenizer = load_tokenizer(cfg.teacher.model)
+    data = prepare_data("rte", cfg.data, tokenizer, home / "cache" / "data", 1, method="ikd")
+    seed_everything(3)
+    student = build_model(cfg.student, 2)
+    s = FitSettings.for_trial(cfg, trial("ikd"))
+    for k, v in settings.items():
+        setattr(s, k, v)
+    rec = Recorder()
+    fit(s, data.task, data, student, teacher=teacher, device=torch.device(CPU), callback=rec)
+    return student, data, s, rec
+
+
+def tiny_teacher(cfg: SweepConfig) -> torch.nn.Module:
+    seed_everything(4)
+    return build_model(cfg.teacher, 2)
+
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+@pytest.mark.parametrize("order", ["student_first", "teacher_first"])
+def test_ikd_round_order_and_which_teacher_gives_the_targets(home, monkeypatch, order):
+    tiny = tiny_spec(**NO_DROPOUT).model_dump(mode="json")
+    cfg = sweep(teacher=tiny, student=tiny, train={"warmup_ratio": 0.0, "max_grad_norm": None})
+    teacher = tiny_teacher(cfg)
+    t_ids = {id(p) for p in teacher.parameters()}
+    events: list[tuple] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(opt, *a, **kw):
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        who = "teacher" if id(ps[0]) in t_ids else "student"
+        events.append((who, params(teacher), {id(p): p.grad.clone() for p in ps},
+                       {id(p): p.detach().clone() for p in ps}))
+        return real_step(opt, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    student, data, s, _ = ikd_fit(cfg, home, teacher, max_steps=2, exam_every=1, order=order)
+    whos = [e[0] for e in events]
+    if order == "student_first":
+        assert whos == ["student", "teacher", "student", "teacher"]
+    else:
+        assert whos == ["teacher", "student", "teacher", "student"]
+
+    # Each student step's gradient is the course gradient on the targets of the teacher as it
+    # was at that moment: the old teacher (student_first) or the just-updated one (teacher_first).
+    rows = trainer.batch_order(data.train, s.batch_size, s.seed * 1000)
+    student_steps = [e for e in events if e[0] == "student"]
+    if order == "student_first":  # the alternative: the teacher after that round's update
+        others = [e[1] for e in student_steps[1:]] + [params(teacher)]
+    else:  # the alternative: the teacher before that round's update
+        others = [e[1] for e in events if e[0] == "teacher"]
+    for i, (_, t_state, grads, weights) in enumerate(student_steps):
+        batch = trainer.collate(data.train, rows[i], 0)
+        got = [grads[id(q)] for q in student.parameters()]
+        before = {n: weights[id(q)] for n, q in student.named_parameters()}
+        want = replay_course_grad(student, before, teacher, t_state, batch, s)
+        alt = replay_course_grad(student, before, teacher, others[i], batch, s)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+                   for a, b in zip(got, want, strict=True))
+        assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+                       for a, b in zip(got, alt, strict=True))
+
+
+def replay_course_grad(student, s_state, teacher, t_state, batch, s: FitSettings):
+    """The course gradient of `student` at `s_state` on `teacher`-at-`t_state`'s targets."""
+    stu, tch = copy.deepcopy(student), copy.deepcopy(teacher)
+    stu.load_state_dict(s_state, strict=False)
+    tch.load_state_dict(t_state, strict=False)
+    with torch.no_grad():
+        t_logits = tch(**model_inputs(batch)).logits
+    out = stu(**model_inputs(batch))
+    loss = trainer.course_loss(out.logits, t_logits, batch["labels"],
+                               temperature=s.temperature, alpha=s.alpha)
+    return torch.autograd.grad(loss, list(stu.parameters()))
+
+
+@pytest.mark.parametrize("lookahead", ["sgd", "adam"])
+def test_fused_exam_and_course_step_give_the_same_training(home, lookahead):
+    """With dropout on: the real step reuses the exam's gradient, with the exam's masks."""
+    cfg = sweep(ikd={"lookahead": lookahead})
+    runs = {}
+    for fuse in (True, False):
+        teacher = tiny_teacher(cfg)
+        forwards: list[int] = []
+        teacher.register_forward_hook(lambda *_, n=forwards: n.append(1))
+        student, _, _, rec = ikd_fit(cfg, home, teacher, max_steps=6, exam_every=2,
+                                     fuse_exam=fuse)
+        runs[fuse] = (params(student), params(teacher), rec, len(forwards))
+    (s1, t1, r1, n1), (s0, t0, _, n0) = runs[True], runs[False]
+    for a, b in ((s1, s0), (t1, t0)):
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    assert changed(t1, params(tiny_teacher(cfg)))  # the teacher did learn
+    # Three exams: the fused run skips one live teacher forward per exam (dev evals aside).
+    assert n0 - n1 == 3
+    logged = {k for _, m in r1.logs for k in m}
+    assert {"exam/hypergrad_norm", "exam/teacher_update_norm",
+            "exam/lookahead_over_real_step"} <= logged
+
+
+def random_batch(b: int = 4, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 1000, (b, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.randint(0, 2, (b,), generator=g), "idx": torch.arange(b)}
+
+
+@pytest.mark.parametrize("schedule, ce_weight", [("constant", 0.0), ("linear", 0.5)])
+def test_teacher_step_is_unit_norm_feedback_on_the_chosen_schedule(schedule, ce_weight):
+    cfg = sweep()
+    seed_everything(0)
+    teacher, student = build_model(cfg.teacher, 2), build_model(cfg.student, 2)
+    s = FitSettings.for_trial(cfg, trial("ikd"))
+    s.teacher_schedule, s.teacher_ce_weight, s.warmup_ratio = schedule, ce_weight, 0.5
+    opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
+    sched = trainer.get_linear_schedule_with_warmup(opt, 2, 4)  # lr factor 0, .5, 1, .5
+    t_opt = torch.optim.AdamW(teacher.parameters(), lr=s.teacher_lr, weight_decay=0.0)
+    seen: list[tuple[float, float]] = []  # (teacher lr, norm of the gradient it steps on)
+    real_step = t_opt.step
+
+    def recording_step(*a, **kw):
+        norm = torch.cat([p.grad.flatten() for p in teacher.parameters()]).norm().item()
+        seen.append((t_opt.param_groups[0]["lr"], norm))
+        return real_step(*a, **kw)
+
+    t_opt.step = recording_step
+    step = trainer.TrainStep(s, student, opt, sched, torch.device(CPU), teacher=teacher,
+                             t_opt=t_opt)
+    for i in range(4):
+        out = step(random_batch(seed=2 * i), random_batch(seed=2 * i + 1))
+        assert out["hypergrad_norm"] > 0 and out["teacher_update_norm"] >= 0
+    lrs, norms = zip(*seen, strict=True)
+    if schedule == "linear":  # the student's warmup/decay shape, peak teacher_lr
+        assert lrs == pytest.approx([0.0, 0.5 * s.teacher_lr, s.teacher_lr, 0.5 * s.teacher_lr])
+    else:
+        assert lrs == pytest.approx([s.teacher_lr] * 4)
+    if ce_weight == 0:  # the hypergradient's own scale is gone: unit norm
+        assert norms == pytest.approx([1.0] * 4, rel=1e-5)
+    else:  # unit feedback + 0.5 x unit gold gradient: between 0.5 and 1.5
+        assert all(0.5 <= n <= 1.5 for n in norms)
