@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep import trainer
+from ikd_sweep import trial as trial_module
 from ikd_sweep.cli import app
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import prepare_data
@@ -342,13 +343,13 @@ def scripted_scores(monkeypatch):
     """Replaces the trainer's evaluation with given val and dev scores per step, so that val and
     dev can disagree on purpose. Returns a function that installs the script for a callback."""
     prepared: list = []
-    real_prepare = trainer.prepare_data
+    real_prepare = trial_module.prepare_data
 
     def keeping(*args, **kwargs):
         prepared.append(real_prepare(*args, **kwargs))
         return prepared[-1]
 
-    monkeypatch.setattr(trainer, "prepare_data", keeping)
+    monkeypatch.setattr(trial_module, "prepare_data", keeping)
 
     def install(rec: StepRecorder, val: dict[int, float], dev: dict[int, float]) -> None:
         def evaluate(model, split, task, device, batch_size=128, pad_id=0):
