@@ -160,7 +160,7 @@ def bench_steps(args, size: dict, device: torch.device, vocab: int) -> dict:
                                  fuse=fuse)
                 name = f"ikd round {e} {la} {'fused' if fuse else 'unfused'}"
                 rounds[(e, la, fuse)] = name
-                fns[name] = (lambda st: lambda: st(course, quiz))(step)
+                fns[name] = (lambda st: lambda: st(course, quiz, diagnose=False))(step)
     t = measure(fns, device, args.reps, args.warmup)
     live, cache = t["kd course (live teacher)"], t["kd course (cached logits)"]
 

@@ -243,8 +243,13 @@ class TrainStep:
         return self.t_opt is not None and (step + 1) % self.s.exam_every == 0
 
     def __call__(self, batch: dict[str, torch.Tensor],
-                 quiz: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Train on `batch` (exam on `quiz` if given); device scalars for the logs."""
+                 quiz: dict[str, torch.Tensor] | None = None, *,
+                 diagnose: bool = True) -> dict[str, torch.Tensor]:
+        """Train on `batch` (exam on `quiz` if given); device scalars for the logs.
+
+        `diagnose` measures the teacher's and the student's step norms (a copy and a pass over
+        both models' weights, so `fit` asks for it only on the exam it will log).
+        """
         if quiz is None:
             return self._course(batch)
         s = self.s
@@ -257,20 +262,22 @@ class TrainStep:
                 keep_teacher_graph=s.teacher_ce_weight > 0)
         lr_factor = self.sched.get_last_lr()[0] / s.lr  # this step's warmup/decay factor
         t_grads, h_norm = self._teacher_grads(res, batch["labels"])
-        before = self._s_buf = _snapshot([p for _, p in self.s_params], self._s_buf)
+        if diagnose:
+            before = self._s_buf = _snapshot([p for _, p in self.s_params], self._s_buf)
         if s.order == "teacher_first":
-            t_norm = self._teacher_step(t_grads, lr_factor)
+            t_norm = self._teacher_step(t_grads, lr_factor, diagnose)
             out = self._course(batch, seed=res.course_seed)
         else:
             fused = res if s.fuse_exam else None
             out = self._course(batch, seed=res.course_seed, fused=fused)
-            t_norm = self._teacher_step(t_grads, lr_factor)
-        real = _moved([p for _, p in self.s_params], before)
-        moved = real > 0  # lr_t = 0 (warmup start): no real step to compare with
-        out.update({"exam": res.exam_loss.float(), "hypergrad_norm": h_norm,
-                    "teacher_update_norm": t_norm, "n_ratio": moved.float(),
-                    "lookahead_over_real_step": torch.where(
-                        moved, res.lookahead_norm.to(real) / real.clamp_min(1e-30), 0.0)})
+            t_norm = self._teacher_step(t_grads, lr_factor, diagnose)
+        out.update({"exam": res.exam_loss.float(), "hypergrad_norm": h_norm})
+        if diagnose:
+            real = _moved([p for _, p in self.s_params], before)
+            moved = real > 0  # lr_t = 0 (warmup start): no real step to compare with
+            out.update({"teacher_update_norm": t_norm, "n_diagnosed": torch.ones_like(real),
+                        "n_ratio": moved.float(), "lookahead_over_real_step": torch.where(
+                            moved, res.lookahead_norm.to(real) / real.clamp_min(1e-30), 0.0)})
         return out
 
     def _course(self, batch: dict[str, torch.Tensor], seed: int | None = None,
@@ -339,17 +346,19 @@ class TrainStep:
             torch._foreach_add_(grads, torch._foreach_mul(c, w))
         return grads, h_norm
 
-    def _teacher_step(self, grads: list[torch.Tensor], lr_factor: float) -> torch.Tensor:
+    def _teacher_step(self, grads: list[torch.Tensor], lr_factor: float,
+                      diagnose: bool) -> torch.Tensor | None:
         """AdamW step of the teacher on `grads`; the norm of the change of its weights."""
         if self.s.teacher_schedule == "linear":  # the student's warmup/decay, teacher_lr peak
             for grp in self.t_opt.param_groups:
                 grp["lr"] = self.s.teacher_lr * lr_factor
-        before = self._t_buf = _snapshot([p for _, p in self.t_params], self._t_buf)
+        if diagnose:
+            before = self._t_buf = _snapshot([p for _, p in self.t_params], self._t_buf)
         for (_, p), g in zip(self.t_params, grads, strict=True):
             p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self.t_opt.step()
         self.t_opt.zero_grad(set_to_none=True)
-        return _moved([p for _, p in self.t_params], before)
+        return _moved([p for _, p in self.t_params], before) if diagnose else None
 
 
 def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
@@ -434,7 +443,10 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
             if quiz is not None and train_step.is_exam(step):
                 quiz_used, qb = next(quiz)
                 qb = {k: v.to(device, non_blocking=True) for k, v in qb.items()}
-            out = train_step(batch, qb)
+            # Step norms only for the last exam before the next log (they cost a weight copy).
+            next_log = min([(step // s.log_every + 1) * s.log_every]
+                           + [e for e in eval_at if e > step])
+            out = train_step(batch, qb, diagnose=next_log - step <= s.exam_every)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v
             n_exams += qb is not None
@@ -460,7 +472,9 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                 if n_exams:
                     last["exam/loss"] = vals["exam"] / n_exams
                     last["exam/hypergrad_norm"] = vals["hypergrad_norm"] / n_exams
-                    last["exam/teacher_update_norm"] = vals["teacher_update_norm"] / n_exams
+                if vals.get("n_diagnosed"):
+                    last["exam/teacher_update_norm"] = (vals["teacher_update_norm"]
+                                                        / vals["n_diagnosed"])
                     if vals["n_ratio"]:
                         last["exam/lookahead_over_real_step"] = (
                             vals["lookahead_over_real_step"] / vals["n_ratio"])

@@ -707,3 +707,20 @@ def test_teacher_step_is_unit_norm_feedback_on_the_chosen_schedule(schedule, ce_
         assert norms == pytest.approx([1.0] * 4, rel=1e-5)
     else:  # unit feedback + 0.5 x unit gold gradient: between 0.5 and 1.5
         assert all(0.5 <= n <= 1.5 for n in norms)
+
+
+def test_compile_is_ignored_on_cpu_with_one_message(caplog):
+    cfg = sweep(train={"compile": True})
+    seed_everything(0)
+    student = build_model(cfg.student, 2)
+    s = FitSettings.for_trial(cfg, trial("finetune"))
+    assert s.compile
+    opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
+    sched = trainer.get_linear_schedule_with_warmup(opt, 0, 4)
+    with caplog.at_level("WARNING", logger="ikd_sweep.trainer"):
+        step = trainer.TrainStep(s, student, opt, sched, torch.device(CPU))
+        for i in range(2):
+            step(random_batch(seed=i))
+    assert step.s_fwd is student  # eager
+    msgs = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
+    assert msgs == ["train.compile is ignored on cpu: torch.compile is used on CUDA only"]
