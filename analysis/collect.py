@@ -20,6 +20,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from ikd_sweep.tracking import ROLE_SWEEP, ROLE_TRIAL, TAG  # the one table of tag names
+
 HPARAMS = ("temperature", "exam_every", "teacher_lr")
 # Which hyperparameters each method uses; the others are NaN whatever a run's params say, so a
 # default that leaked into a finetune run's params cannot split its seeds into two settings.
@@ -121,15 +123,15 @@ def _parent_runs(client: MlflowClient) -> list[Any]:
     ids = _experiment_ids(client)
     if not ids:
         return []
-    runs = _search(client, ids, "tags.`ikd.role` = 'sweep'")
-    runs = [r for r in runs if r.data.tags.get("ikd.superseded") != "true"]
+    runs = _search(client, ids, f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
+    runs = [r for r in runs if r.data.tags.get(TAG.SUPERSEDED) != "true"]
     return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
 
 
 def latest_sweep_name(tracking_uri: str) -> str | None:
     """The sweep of the most recently started parent run, or None when there is none."""
     for run in _parent_runs(_client(tracking_uri)):
-        name = run.data.tags.get("ikd.sweep")
+        name = run.data.tags.get(TAG.SWEEP)
         if name:
             return name
     return None
@@ -139,7 +141,7 @@ def known_sweeps(tracking_uri: str) -> list[str]:
     """Names of all sweeps in the store, newest first."""
     names: list[str] = []
     for run in _parent_runs(_client(tracking_uri)):
-        name = run.data.tags.get("ikd.sweep")
+        name = run.data.tags.get(TAG.SWEEP)
         if name and name not in names:
             names.append(name)
     return names
@@ -218,19 +220,19 @@ def _timestamp(ms: int | None) -> pd.Timestamp:
 
 def _run_row(run: Any) -> dict[str, Any]:
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    method = tags.get("ikd.method", params.get("method"))
+    method = tags.get(TAG.METHOD, params.get("method"))
     start, end = run.info.start_time, run.info.end_time
     row: dict[str, Any] = {
         "run_id": run.info.run_id,
-        "trial_id": tags.get("ikd.trial_id", run.info.run_name),
-        "task": tags.get("ikd.task", params.get("task")),
+        "trial_id": tags.get(TAG.TRIAL_ID, run.info.run_name),
+        "task": tags.get(TAG.TASK, params.get("task")),
         "method": method,
-        "seed": _seed(tags.get("ikd.seed", params.get("seed"))),
+        "seed": _seed(tags.get(TAG.SEED, params.get("seed"))),
         **{h: _float(params.get(h)) for h in HPARAMS},
         # The estimator only means something for IKD (other methods may carry the default).
         "estimator": params.get("ikd.estimator") if method == "ikd" else None,
         "status": run.info.status,
-        "error": tags.get("ikd.error"),
+        "error": tags.get(TAG.ERROR),
         "best_dev_main": _float(metrics.get("best/dev_main")),
         "final_dev_main": _float(metrics.get("final/dev_main")),
         "teacher_dev_main": _float(metrics.get("teacher/dev_main")),
@@ -262,14 +264,14 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     parents = _parent_runs(client)
     names = []
     for run in parents:
-        name = run.data.tags.get("ikd.sweep")
+        name = run.data.tags.get(TAG.SWEEP)
         if name and name not in names:
             names.append(name)
     if sweep is None:
         if not names:
             raise LookupError(f"No sweeps found in the MLflow store at {tracking_uri}")
         sweep = names[0]
-    matching = [r for r in parents if r.data.tags.get("ikd.sweep") == sweep]
+    matching = [r for r in parents if r.data.tags.get(TAG.SWEEP) == sweep]
     if not matching:
         known = ", ".join(names) if names else "none"
         raise LookupError(
@@ -279,9 +281,9 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     parent = matching[0]
     parent_id = parent.info.run_id
     children = _search(
-        client, [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        client, [parent.info.experiment_id], f"tags.`{TAG.PARENT}` = '{parent_id}'"
     )
-    rows = [_run_row(r) for r in children if r.data.tags.get("ikd.role", "trial") == "trial"]
+    rows = [_run_row(r) for r in children if r.data.tags.get(TAG.ROLE, ROLE_TRIAL) == ROLE_TRIAL]
     extra = sorted({k for row in rows for k in row if k not in RUN_COLUMNS})
     runs = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *extra])
     for h in HPARAMS:
