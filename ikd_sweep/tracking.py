@@ -214,6 +214,8 @@ class SweepTracker:
         self.home = Path(home).expanduser().resolve() if home else home_for(self.tracking_uri)
         if flush_timeout_s is not None:
             self.flush_timeout_s = float(flush_timeout_s)
+        # One MLflow logging thread: batches arrive in order, and SQLite sees one writer.
+        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE", "1")
         self.version, self.git_commit = package_version(), git_commit()
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
