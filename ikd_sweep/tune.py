@@ -26,14 +26,16 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ikd_sweep.config import SweepConfig, Trial, expand_trials
-from ikd_sweep.tracking import SweepTracker, flat_params, trial_record, trial_tags
+
+if TYPE_CHECKING:  # Ray workers never import MLflow: only the driver records
+    from ikd_sweep.tracking import SweepTracker
 
 REPORT = "ikd"  # a trial's report: {"ikd": {"kind", "step", "time_ms", "metrics"|"error"}}
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
@@ -115,6 +117,8 @@ class TrackingCallback(tune.Callback):
         self.finished: set[str] = set()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from ikd_sweep.tracking import flat_params, trial_tags
+
         tid = trial.config["trial_id"]
         if tid not in self.done:
             t = self.trials[tid]
@@ -136,6 +140,8 @@ class TrackingCallback(tune.Callback):
         self.tracker.log_metrics(run_id, rep["metrics"], rep["step"], rep["time_ms"])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from ikd_sweep.tracking import trial_record
+
         # Without a final result the trial was stopped (scheduler or Ctrl-C): run_sweep decides.
         tid = trial.config["trial_id"]
         if tid in self.runs and tid in self.final:
@@ -144,6 +150,8 @@ class TrackingCallback(tune.Callback):
             self.finished.add(tid)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from ikd_sweep.tracking import trial_record
+
         tid = trial.config["trial_id"]
         if tid in self.runs:
             self.errors[tid] = self.errors.get(tid) or str(trial.get_error() or "trial failed")
@@ -298,6 +306,8 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
 
 def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Path,
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int) -> None:
+    from ikd_sweep.tracking import flat_params, trial_record, trial_tags
+
     res = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
     prep = ray.remote(_prepare_teacher).options(num_cpus=res["CPU"], num_gpus=res["GPU"],
                                                 max_retries=sweep.max_failures)
@@ -339,6 +349,8 @@ def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Pat
 def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
                splits: dict | None, asha: bool) -> None:
+    from ikd_sweep.tracking import trial_record
+
     by_id = {t.trial_id: t for t in trials}
     done = frozenset(r["trial_id"] for r in tracker.child_runs(parent)
                      if r["status"] == "FINISHED" and r["trial_id"] in by_id)
@@ -380,7 +392,8 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
         signal.signal(signal.SIGINT, previous)
     runs = {r["trial_id"]: r for r in tracker.child_runs(parent)}
     for result in grid:
-        t = by_id[result.config["trial_id"]]
+        # A trial that never started has no config; its folder is named after it.
+        t = by_id[(result.config or {}).get("trial_id") or Path(result.path).name]
         m, run = result.metrics or {}, runs.get(t.trial_id)
         if result.error is not None:
             out.failed[t.trial_id] = (callback.errors.get(t.trial_id)
