@@ -1,31 +1,26 @@
-"""MLflow tracking for sweeps: one experiment, one parent run per sweep, one child run per trial.
+"""MLflow: one experiment, one parent run per sweep, one child run per trial (get-or-create,
+so a resumed or retried trial never gets a second run).
 
-This module and ``analysis/collect.py`` are the only places that import mlflow, and one process
-writes a sweep's store: the Ray driver (through the Tune callback in ``tune.py``) or
-``ikd-sweep train``. Workers only report to Tune, so SQLite never sees two writers of a sweep.
-
-* ``trial_run`` is get-or-create: resuming or retrying a trial never duplicates its run.
-* ``log_metrics`` hands metrics to MLflow's asynchronous ``log_batch`` (HTTP retries with
-  backoff are MLflow's own) and never blocks or raises; a batch MLflow could not deliver is
-  appended to ``<home>/lost-metrics/<run_id>.jsonl`` (MLflow keeps no such record), and the run
-  is tagged ``ikd.lost_metrics`` with the count, so a loss is reported, never silent.
-* ``finish_trial`` waits (up to ``flush_timeout_s``) for the run's metrics before ending it, so
-  a FINISHED run holds its whole history.
+One process writes a sweep's store: the Ray driver (the Tune callback in tune.py) or
+`ikd-sweep train`. Metrics go through MLflow's asynchronous `log_batch` (its HTTP client
+retries with backoff); a batch it could not deliver is appended to
+`<home>/lost-metrics/<run_id>.jsonl` and counted in the tag `ikd.lost_metrics`, so a loss is
+reported, never silent. `finish_trial` waits for the run's metrics before ending it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, wait
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -34,14 +29,14 @@ from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.git_utils import get_git_commit
 
+from ikd_sweep import __version__
 from ikd_sweep.config import SweepConfig, Trial, default_home, trial_seed
 
 _log = logging.getLogger(__name__)
 
-DB_NAME = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
-LOST_METRICS_DIR = "lost-metrics"
+DB_NAME, ARTIFACTS_DIR, LOST_METRICS_DIR = "mlflow.db", "mlartifacts", "lost-metrics"
 
 
 class TAG:
@@ -62,10 +57,7 @@ class TAG:
     PARENT = "mlflow.parentRunId"
 
 
-ROLE_SWEEP = "sweep"
-ROLE_TRIAL = "trial"
-# MLflow limits: param values 6000 chars, tag values 8000, 100 params per batch.
-MAX_PARAM_LEN, MAX_TAG_LEN, MAX_ERROR_LEN, MAX_PARAMS_PER_BATCH = 6000, 8000, 5000, 100
+ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
 
 
 def resolve_tracking_uri(uri: str | None, home: Path) -> str:
@@ -73,17 +65,15 @@ def resolve_tracking_uri(uri: str | None, home: Path) -> str:
     ``home`` is created so that SQLite can create the database in it)."""
     if uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return _absolute_sqlite_uri(uri or os.environ["MLFLOW_TRACKING_URI"])
-    home = Path(home).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home.resolve()}/{DB_NAME}"
+    Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(home).expanduser().resolve()}/{DB_NAME}"
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, or None for anything else (or in-memory)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
     path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path(unquote(path)) if path and path != ":memory:" else None
+    ok = tracking_uri.startswith("sqlite:///") and path not in ("", ":memory:")
+    return Path(unquote(path)) if ok else None
 
 
 def _absolute_sqlite_uri(uri: str) -> str:
@@ -91,9 +81,7 @@ def _absolute_sqlite_uri(uri: str) -> str:
     path = sqlite_path(uri)
     if path is None or path.is_absolute():
         return uri
-    query = uri.split("?", 1)[1] if "?" in uri else ""
-    absolute = f"sqlite:///{path.resolve()}"
-    return f"{absolute}?{query}" if query else absolute
+    return f"sqlite:///{path.resolve()}" + (f"?{uri.split('?', 1)[1]}" if "?" in uri else "")
 
 
 def home_for(tracking_uri: str) -> Path:
@@ -119,63 +107,23 @@ def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> 
     return [*argv, "--host", host, "--port", str(port)]
 
 
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("ikd-sweep")
-    except Exception:  # not installed (run from a checkout)
-        from ikd_sweep import __version__
-
-        return str(__version__)
-
-
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` in ``cwd``, or None when that is not a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", sha) else None
-
-
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": 1e-5}}`` -> ``{"train.lr": 1e-5}`` (the param naming of the runs)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+                    else {f"{prefix}{key}": value})
     return flat
 
 
 def _param_value(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str) if isinstance(
-        value, (list, tuple, dict)) else str(value)
-    return text[:MAX_PARAM_LEN]
+    nested = isinstance(value, (list, tuple, dict))
+    return (json.dumps(value, sort_keys=True, default=str) if nested else str(value))[:6000]
 
 
 def _jsonable(obj: Any) -> Any:
     """A JSON-safe copy: numpy/torch scalars become numbers, anything else unknown a string."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def _truncate_error(error: str) -> str:
-    # Keep the end of a traceback: that is where the exception and its message are.
-    return error if len(error) <= MAX_ERROR_LEN else "...\n" + error[-(MAX_ERROR_LEN - 4) :]
-
-
-def _experiment_dir(experiment: str) -> str:
-    # A folder name for the experiment's artifacts; the hash keeps names that differ only in
-    # replaced characters apart.
-    import hashlib
-
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-    digest = hashlib.sha1(experiment.encode()).hexdigest()[:8]
-    return safe if safe == experiment else f"{safe}-{digest}"
 
 
 def flat_params(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
@@ -202,93 +150,79 @@ def trial_record(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
 class SweepTracker:
     """Records sweeps in MLflow from one process (the Ray driver or ``ikd-sweep train``)."""
 
-    #: How long ``finish_trial`` waits for a run's metrics before reporting the rest as lost.
-    flush_timeout_s: float = 120.0
+    flush_timeout_s: float = 120.0  # how long finish_trial waits for a run's metrics
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None, *,
                  home: str | Path | None = None, flush_timeout_s: float | None = None) -> None:
-        self.tracking_uri = _absolute_sqlite_uri(tracking_uri)
-        self.experiment = experiment
+        self.tracking_uri, self.experiment = _absolute_sqlite_uri(tracking_uri), experiment
         self.artifact_root = (artifact_root if artifact_root is not None
                               else default_artifact_root(self.tracking_uri))
         self.home = Path(home).expanduser().resolve() if home else home_for(self.tracking_uri)
-        if flush_timeout_s is not None:
-            self.flush_timeout_s = float(flush_timeout_s)
+        self.flush_timeout_s = float(flush_timeout_s or self.flush_timeout_s)
         # One MLflow logging thread: batches arrive in order, and SQLite sees one writer.
         os.environ.setdefault("MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE", "1")
-        self.version, self.git_commit = package_version(), git_commit()
+        sha = get_git_commit(os.getcwd())  # the driver's checkout
+        self.tags = {TAG.VERSION: __version__, **({TAG.GIT: sha} if sha else {})}
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
-        # Per run: [future of MLflow's async log_batch, its metrics, written-as-lost flag];
-        # MLflow completes the futures on its own threads, hence the lock.
+        # Per run: [future of an async log_batch, its metrics, written-as-lost]; MLflow
+        # completes the futures on its own threads, hence the lock.
         self._inflight: dict[str, list[list[Any]]] = {}
         self._lost: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._outage = False
+        self._lock, self._outage = threading.Lock(), False
 
-    # -- store, experiment ------------------------------------------------------------------
-
-    def _store_lock(self) -> FileLock | None:
-        # Building a client on a fresh SQLite file runs MLflow's schema migration, and two
-        # processes migrating at once (two sweeps started together) break each other.
+    def _store_lock(self) -> Any:
+        # Opening a fresh SQLite file runs MLflow's schema migration, and two processes doing
+        # that at once (two sweeps started together) break each other; so does creating one
+        # experiment twice.
         db = sqlite_path(self.tracking_uri)
         if db is None:
-            return None
+            return nullcontext()
         db.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(db) + ".lock")
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            lock = self._store_lock()
-            if lock is None:
+            with self._store_lock():
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            else:
-                with lock:
-                    self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
     @property
     def experiment_id(self) -> str:
         """The experiment's id, created if needed (restored if deleted)."""
         if self._experiment_id is None:
-            client, lock = self.client, self._store_lock()
-            with lock if lock is not None else nullcontext():
+            client = self.client
+            with self._store_lock():
                 exp = client.get_experiment_by_name(self.experiment)
-                if exp is not None and exp.lifecycle_stage == "deleted":
-                    _log.warning("Restoring deleted MLflow experiment %r", self.experiment)
-                    client.restore_experiment(exp.experiment_id)
                 if exp is None:
-                    location = None
-                    if self.artifact_root is not None:
-                        location = (f"{self.artifact_root.rstrip('/')}/"
-                                    f"{quote(_experiment_dir(self.experiment))}")
+                    location = None if self.artifact_root is None else (
+                        f"{self.artifact_root.rstrip('/')}/{quote(self.experiment, safe='')}")
                     try:
-                        self._experiment_id = client.create_experiment(
-                            self.experiment, artifact_location=location)
-                    except MlflowException as exc:  # created by another host meanwhile
+                        return self._set_id(client.create_experiment(self.experiment, location))
+                    except MlflowException as exc:  # a server: another host was first
                         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                             raise
                         exp = client.get_experiment_by_name(self.experiment)
-                if exp is not None:
-                    self._experiment_id = exp.experiment_id
-        assert self._experiment_id is not None
+                if exp.lifecycle_stage == "deleted":
+                    _log.warning("Restoring deleted MLflow experiment %r", self.experiment)
+                    client.restore_experiment(exp.experiment_id)
+                self._experiment_id = exp.experiment_id
         return self._experiment_id
+
+    def _set_id(self, experiment_id: str) -> str:
+        self._experiment_id = experiment_id
+        return experiment_id
 
     def _search(self, filter_string: str) -> list[Any]:
         runs, token = [], None
-        while True:
+        while token != "":
             page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
                                            max_results=1000, page_token=token)
             runs.extend(page)
-            token = page.token
-            if not token:
-                # Oldest first, run id as the tie-break: one canonical run per trial.
-                return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
-    def _base_tags(self) -> dict[str, str]:
-        return {TAG.VERSION: self.version, **({TAG.GIT: self.git_commit} if self.git_commit
-                                              else {})}
+            token = page.token or ""
+        # Oldest first, run id as the tie-break: one canonical run per trial.
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
     # -- sweep (parent) runs ------------------------------------------------------------------
 
@@ -303,13 +237,13 @@ class SweepTracker:
         if parents and not restart:
             run_id = parents[-1].info.run_id
             client.update_run(run_id, status="RUNNING")
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self._base_tags().items()])
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
         else:
             for old in parents:  # kept, not deleted: browsable, and analysis skips them
                 client.set_tag(old.info.run_id, TAG.SUPERSEDED, "true")
-            tags = {TAG.SWEEP: sweep_name, TAG.ROLE: ROLE_SWEEP, **self._base_tags()}
-            run_id = client.create_run(self.experiment_id, tags=tags,
-                                       run_name=sweep_name).info.run_id
+            tags = {TAG.SWEEP: sweep_name, TAG.ROLE: ROLE_SWEEP, **self.tags}
+            run_id = client.create_run(self.experiment_id, tags=tags, run_name=sweep_name
+                                       ).info.run_id
         client.log_dict(run_id, _jsonable(config), "sweep.json")
         if trials is not None:
             self.set_expected_trials(run_id, trials)
@@ -333,21 +267,16 @@ class SweepTracker:
 
     # -- trial (child) runs -------------------------------------------------------------------
 
-    def _children(self, parent_run_id: str) -> list[Any]:
-        return self._search(f"tags.`{TAG.PARENT}` = '{parent_run_id}'")
-
     def trial_run(self, parent_run_id: str, trial_id: str, *, tags: dict[str, str],
                   params: dict[str, object]) -> str:
         """Get-or-create the child run of ``trial_id``; it is RUNNING afterwards."""
-        client = self.client
-        flat = flatten(dict(params))
+        client, flat = self.client, flatten(dict(params))
         all_tags = {tag: str(flat[key]) for tag, key in
                     ((TAG.TASK, "task"), (TAG.METHOD, "method"), (TAG.SEED, "seed"))
                     if flat.get(key) is not None}
         all_tags[TAG.SWEEP] = client.get_run(parent_run_id).data.tags.get(TAG.SWEEP, "")
-        all_tags.update({k: str(v) for k, v in tags.items() if v is not None})
-        all_tags.update({**self._base_tags(), TAG.ROLE: ROLE_TRIAL, TAG.TRIAL_ID: trial_id,
-                         TAG.PARENT: parent_run_id})
+        all_tags.update({**{k: str(v) for k, v in tags.items() if v is not None}, **self.tags,
+                         TAG.ROLE: ROLE_TRIAL, TAG.TRIAL_ID: trial_id, TAG.PARENT: parent_run_id})
         existing = [r for r in self._children(parent_run_id)
                     if r.data.tags.get(TAG.TRIAL_ID) == trial_id]
         if existing:
@@ -355,32 +284,25 @@ class SweepTracker:
             client.update_run(run.info.run_id, status="RUNNING")
             if TAG.ERROR in run.data.tags:  # a retry of a failed trial: the old error is stale
                 client.delete_tag(run.info.run_id, TAG.ERROR)
-            old = run.data.params
         else:
             run = client.create_run(self.experiment_id, tags=all_tags, run_name=trial_id)
-            old = {}
-        run_id = run.info.run_id
-        new = []
-        for key, value in flat.items():
-            if value is None:
-                continue
-            if key in old:  # MLflow forbids changing a logged param: the first value stays
-                if old[key] != _param_value(value):
-                    _log.warning("Trial %s: param %s was %r, now %r; keeping the logged value",
-                                 trial_id, key, old[key], _param_value(value))
-                continue
-            new.append(Param(key, _param_value(value)))
-        tag_list = [RunTag(k, v[:MAX_TAG_LEN]) for k, v in all_tags.items()]
-        for start in range(0, max(len(new), 1), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=new[start : start + MAX_PARAMS_PER_BATCH],
+        # MLflow forbids changing a logged param: a param logged before keeps its value.
+        new = [Param(k, _param_value(v)) for k, v in flat.items()
+               if v is not None and k not in run.data.params]
+        tag_list = [RunTag(k, v[:8000]) for k, v in all_tags.items()]
+        for start in range(0, max(len(new), 1), 100):  # MLflow takes 100 params per batch
+            client.log_batch(run.info.run_id, params=new[start : start + 100],
                              tags=tag_list if start == 0 else [])
-        return run_id
+        return run.info.run_id
+
+    def _children(self, parent_run_id: str) -> list[Any]:
+        return self._search(f"tags.`{TAG.PARENT}` = '{parent_run_id}'")
 
     def child_runs(self, parent_run_id: str) -> list[dict[str, Any]]:
-        """``[{run_id, trial_id, status, error, metrics}]`` for every child of the parent run."""
+        """``[{run_id, trial_id, status, error}]`` for every child of the parent run."""
         return [{"run_id": r.info.run_id, "trial_id": r.data.tags.get(TAG.TRIAL_ID, ""),
-                 "status": r.info.status, "error": r.data.tags.get(TAG.ERROR),
-                 "metrics": dict(r.data.metrics)} for r in self._children(parent_run_id)]
+                 "status": r.info.status, "error": r.data.tags.get(TAG.ERROR)}
+                for r in self._children(parent_run_id)]
 
     def mark_unfinished(self, parent_run_id: str, status: str = "KILLED") -> int:
         """Set children still RUNNING/SCHEDULED to ``status`` (after Ctrl-C); returns how many."""
@@ -397,19 +319,13 @@ class SweepTracker:
         """Queue metrics for MLflow's async logging; ``timestamp_ms`` is when they were measured
         (a worker's clock), default now. Non-finite values are skipped; never raises."""
         stamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
-        batch = []
-        for key, value in metrics.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            if number == number and abs(number) != float("inf"):
-                batch.append(Metric(key, number, stamp, int(step)))
+        batch = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)]
         if not batch:
             return
         try:
-            futures = self.client.log_batch(run_id, metrics=batch, synchronous=False)
-            future = futures._operation_futures[0]  # RunOperations holds one future per call
+            ops = self.client.log_batch(run_id, metrics=batch, synchronous=False)
+            future = ops._operation_futures[0]  # RunOperations: one future per call
         except Exception as exc:  # e.g. the async queue refused the batch
             future = Future()
             future.set_exception(exc)
@@ -422,15 +338,14 @@ class SweepTracker:
         exc = entry[0].exception()
         with self._lock:
             was_down, self._outage = self._outage, exc is not None
-        if exc is None:
-            if was_down:
-                _log.warning("MLflow tracking is reachable again")
-            return
-        if not was_down:
-            _log.warning("MLflow tracking unreachable (%s); undelivered metrics go to %s",
-                         str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
-                         self.home / LOST_METRICS_DIR)
-        self._write_lost(run_id, entry, str(exc))
+        if exc is None and was_down:
+            _log.warning("MLflow tracking is reachable again")
+        elif exc is not None:
+            if not was_down:
+                _log.warning("MLflow tracking unreachable (%s); undelivered metrics go to %s",
+                             (str(exc).splitlines() or [type(exc).__name__])[0][:300],
+                             self.home / LOST_METRICS_DIR)
+            self._write_lost(run_id, entry, str(exc))
 
     def lost_metrics_path(self, run_id: str) -> Path:
         return self.home / LOST_METRICS_DIR / f"{run_id}.jsonl"
@@ -439,17 +354,14 @@ class SweepTracker:
         with self._lock:
             if entry[2]:  # reported at the end of the trial already
                 return
-            entry[2], batch = True, entry[1]
-            self._lost[run_id] = self._lost.get(run_id, 0) + len(batch)
+            entry[2] = True
+            self._lost[run_id] = self._lost.get(run_id, 0) + len(entry[1])
             path = self.lost_metrics_path(run_id)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a", encoding="utf-8") as out:
-                    out.writelines(json.dumps({"run_id": run_id, "key": m.key, "value": m.value,
-                                               "step": m.step, "timestamp": m.timestamp,
-                                               "reason": reason[:500]}) + "\n" for m in batch)
-            except OSError as exc:
-                _log.error("Could not write lost metrics of run %s to %s: %s", run_id, path, exc)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as out:
+                out.writelines(json.dumps({"run_id": run_id, "key": m.key, "value": m.value,
+                                           "step": m.step, "timestamp": m.timestamp,
+                                           "reason": reason[:500]}) + "\n" for m in entry[1])
 
     # -- end of a trial -----------------------------------------------------------------------
 
@@ -463,23 +375,20 @@ class SweepTracker:
         for entry in inflight:
             if entry[0] in late:  # it may still arrive: the file errs on the side of reporting
                 self._write_lost(run_id, entry, "not delivered when the trial ended")
-        client = self.client
-        steps: list[tuple[str, Any]] = []
         with self._lock:
             lost = self._lost.pop(run_id, 0)
+        client, steps = self.client, []
         if lost:
             _log.warning("%d metrics of run %s could not be delivered to MLflow; saved to %s",
                          lost, run_id, self.lost_metrics_path(run_id))
-            steps.append(("lost-metrics tag", lambda: client.set_tag(run_id, TAG.LOST, str(lost))))
+            steps.append(("lost-metrics tag", partial(client.set_tag, run_id, TAG.LOST, str(lost))))
         for name, value in (("trial_config.json", trial_config),
                             ("final_metrics.json", final_metrics)):
             if value is not None:
-                steps.append((name, lambda v=_jsonable(value), n=name: client.log_dict(
-                    run_id, v, n)))
-        if error:
-            steps.append(("error tag", lambda: client.set_tag(run_id, TAG.ERROR,
-                                                               _truncate_error(error))))
-        steps.append(("status", lambda: client.set_terminated(run_id, status=status)))
+                steps.append((name, partial(client.log_dict, run_id, _jsonable(value), name)))
+        if error:  # the end of a traceback: the exception and its message
+            steps.append(("error tag", partial(client.set_tag, run_id, TAG.ERROR, error[-5000:])))
+        steps.append(("status", partial(client.set_terminated, run_id, status=status)))
         failed = []
         for name, fn in steps:
             try:
@@ -492,6 +401,5 @@ class SweepTracker:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"run_id": run_id, "status": status, "error": error,
                                         "final_metrics": final_metrics, "not_recorded": failed},
-                                       indent=2, default=str), encoding="utf-8")
+                                       indent=2, default=str))
             _log.warning("End of run %s saved to %s", run_id, path)
-

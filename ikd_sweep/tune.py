@@ -15,6 +15,7 @@ the command restores each Tuner; a trial whose MLflow run is FINISHED is never t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from ikd_sweep.config import SweepConfig, Trial, expand_trials
 
 if TYPE_CHECKING:  # Ray workers never import MLflow: only the driver records
     from ikd_sweep.tracking import SweepTracker
+
+_log = logging.getLogger(__name__)
 
 REPORT = "ikd"  # a trial's report: {"ikd": {"kind", "step", "time_ms", "metrics"|"error"}}
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
@@ -129,9 +132,11 @@ class TrackingCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         tid, rep = trial.config["trial_id"], result.get(REPORT) or {}
-        run_id = self.runs.get(tid)
-        if run_id is None or rep.get("kind") in (None, "recorded"):
+        if tid in self.done or rep.get("kind") in (None, "recorded"):
             return
+        if tid not in self.runs:  # its start could not be recorded: try again now
+            self.on_trial_start(iteration, trials, trial)
+        run_id = self.runs[tid]
         if rep["kind"] == "error":
             self.errors[tid] = rep["error"]
             return
@@ -165,23 +170,27 @@ _live: TrackingCallback | None = None  # this driver's callback of the Tuner bei
 class _Forward(tune.Callback):
     """What the Tuner stores with its state, and gets back on restore: a stateless stand-in
     (the tracker holds a live MLflow client) that hands each event to this process's
-    TrackingCallback."""
+    TrackingCallback. A tracking failure is logged; it never ends the sweep."""
+
+    def _call(self, hook: str, kw: dict) -> None:
+        if _live is not None:
+            try:
+                getattr(_live, hook)(**kw)
+            except Exception as exc:
+                _log.warning("MLflow: %s of %s not recorded: %s", hook,
+                             kw["trial"].config.get("trial_id"), exc)
 
     def on_trial_start(self, **kw: Any) -> None:
-        if _live is not None:
-            _live.on_trial_start(**kw)
+        self._call("on_trial_start", kw)
 
     def on_trial_result(self, **kw: Any) -> None:
-        if _live is not None:
-            _live.on_trial_result(**kw)
+        self._call("on_trial_result", kw)
 
     def on_trial_complete(self, **kw: Any) -> None:
-        if _live is not None:
-            _live.on_trial_complete(**kw)
+        self._call("on_trial_complete", kw)
 
     def on_trial_error(self, **kw: Any) -> None:
-        if _live is not None:
-            _live.on_trial_error(**kw)
+        self._call("on_trial_error", kw)
 
 
 def _trial_name(trial) -> str:
