@@ -326,3 +326,74 @@ def test_hanging_server_costs_one_timeout_not_one_per_call(
         assert time.monotonic() - t0 < 15.0
         lines = tracker.lost_metrics_path(run_id).read_text().splitlines()
         assert len(lines) == 20
+
+
+def _train_sweep(tmp_path: Path, glue_dir: Path) -> Path:
+    import yaml
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 64}
+    cfg = {
+        "name": "single",
+        "tasks": ["wnli"],
+        "methods": ["finetune"],
+        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "max_length": 32,
+                 "max_train_samples": 64, "max_eval_samples": 32},
+        "teacher": {"model": "minilm", "init": "random", "config": tiny},
+        "student": {"model": "minilm", "init": "random", "config": tiny},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_every": 2, "log_every": 1},
+        "search": {"temperature": [2], "seeds": [1]},
+    }
+    path = tmp_path / "single.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(code: str, args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IKD_SWEEP_HOME": str(home),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+_APP = "from ikd_sweep.cli import app; app()"
+# None in sys.modules makes any `import mlflow` / `import ray` fail, as on a bare GPU box.
+_NO_MLFLOW_NO_RAY = "import sys; sys.modules['mlflow'] = sys.modules['ray'] = None; " + _APP
+
+
+def test_train_records_its_trial_under_its_own_parent_run(tmp_path: Path, glue_dir: Path):
+    home = tmp_path / "home"
+    args = ["train", str(_train_sweep(tmp_path, glue_dir)), "--task", "wnli",
+            "--method", "finetune"]
+    p = _cli(_APP, args, home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("single")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("ikd.role") == "sweep"]
+    (child,) = [r for r in runs if r.data.tags.get("ikd.role") == "trial"]
+    assert parent.data.tags["ikd.sweep"] == "single-train"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["ikd.trial_id"] == "wnli-finetune-s1"
+    assert child.info.status == "FINISHED" and child.data.params["train.lr"] == "0.001"
+    total = int(child.data.metrics["steps"])
+    losses = client.get_metric_history(child.info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, total + 1))
+    assert "final/dev_main" in child.data.metrics
+    # The same trial again: the same run, not a second one.
+    assert _cli(_APP, args, home).returncode == 0
+    assert len(client.search_runs([exp.experiment_id])) == 2
+
+
+def test_train_no_track_runs_without_mlflow_or_ray(tmp_path: Path, glue_dir: Path):
+    home = tmp_path / "home"
+    p = _cli(_NO_MLFLOW_NO_RAY, ["train", str(_train_sweep(tmp_path, glue_dir)), "--task",
+                                 "wnli", "--method", "finetune", "--no-track"], home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(p.stdout)["status"] == "FINISHED"
+    assert not (home / "mlflow.db").exists()
+    # ... and without --no-track the missing mlflow is what stops it.
+    p = _cli(_NO_MLFLOW_NO_RAY, ["train", str(_train_sweep(tmp_path, glue_dir)), "--task",
+                                 "wnli", "--method", "finetune"], home)
+    assert p.returncode != 0 and "mlflow" in p.stderr
