@@ -143,7 +143,9 @@ def wait_finished(proc, home: Path, sweep: str, log: Path, at_least: int) -> dic
         assert proc.poll() is None, (f"driver exited with {proc.returncode} first:\n"
                                      f"{log.read_text(errors='replace')[-5000:]}")
         time.sleep(1)
-        if (home / "mlflow.db").exists():
+        # The driver prints its Ray line after it set up the store: reading it earlier would
+        # race the driver's schema migration of the fresh database.
+        if "Ray: " in log.read_text(errors="replace"):
             try:
                 _, children = runs_of(home, sweep)
             except Exception:  # the store is still being created
