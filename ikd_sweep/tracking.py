@@ -194,25 +194,20 @@ class SweepTracker:
         if self._experiment_id is None:
             client = self.client
             with self._store_lock():
-                exp = client.get_experiment_by_name(self.experiment)
-                if exp is None:
+                if client.get_experiment_by_name(self.experiment) is None:
                     location = None if self.artifact_root is None else (
                         f"{self.artifact_root.rstrip('/')}/{quote(self.experiment, safe='')}")
                     try:
-                        return self._set_id(client.create_experiment(self.experiment, location))
+                        client.create_experiment(self.experiment, artifact_location=location)
                     except MlflowException as exc:  # a server: another host was first
                         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                             raise
-                        exp = client.get_experiment_by_name(self.experiment)
+                exp = client.get_experiment_by_name(self.experiment)
                 if exp.lifecycle_stage == "deleted":
                     _log.warning("Restoring deleted MLflow experiment %r", self.experiment)
                     client.restore_experiment(exp.experiment_id)
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
-
-    def _set_id(self, experiment_id: str) -> str:
-        self._experiment_id = experiment_id
-        return experiment_id
 
     def _search(self, filter_string: str) -> list[Any]:
         runs, token = [], None

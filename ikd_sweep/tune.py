@@ -117,7 +117,6 @@ class TrackingCallback(tune.Callback):
         self.runs: dict[str, str] = {}  # trial_id -> run_id
         self.final: dict[str, dict] = {}
         self.errors: dict[str, str] = {}
-        self.finished: set[str] = set()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from ikd_sweep.tracking import flat_params, trial_tags
@@ -152,7 +151,6 @@ class TrackingCallback(tune.Callback):
         if tid in self.runs and tid in self.final:
             self.tracker.finish_trial(self.runs[tid], "FINISHED", final_metrics=self.final[tid],
                                       trial_config=trial_record(self.sweep, self.trials[tid]))
-            self.finished.add(tid)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from ikd_sweep.tracking import trial_record
