@@ -297,7 +297,11 @@ def run(
         err.print("[yellow]interrupted[/yellow]: re-run the same command to resume")
         raise typer.Exit(130) from None
     if out.finished:
-        console.print(_summary(cfg, uri, time.time() - t0))
+        try:
+            console.print(_summary(cfg, uri, time.time() - t0))
+        except Exception as e:  # e.g. the tracking server went away: the runs are recorded
+            err.print(f"[yellow]no summary[/yellow] ({type(e).__name__}: {e}); "
+                      f"later: ikd-sweep report --sweep {cfg.name}")
     n += len(out.confirm)
     console.print(f"finished {len(out.finished)}, failed {len(out.failed)}, "
                   f"stopped early {len(out.stopped)} of {n} trials"

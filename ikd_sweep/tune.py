@@ -304,10 +304,13 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
             tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
         out.confirm = [t.trial_id for t in confirm]
         _run_phase(sweep, confirm, home, storage / "confirm", tracker, parent, out, verbose)
-    if out.interrupted:
-        tracker.mark_unfinished(parent, "KILLED")
-    tracker.end_sweep(parent, "KILLED" if out.interrupted else
-                      "FAILED" if out.failed else "FINISHED")
+    try:
+        if out.interrupted:
+            tracker.mark_unfinished(parent, "KILLED")
+        tracker.end_sweep(parent, "KILLED" if out.interrupted else
+                          "FAILED" if out.failed else "FINISHED")
+    except Exception as exc:  # the trials are done; the next run of the command sets it
+        _log.warning("MLflow: could not record the end of the sweep: %s", exc)
     return out
 
 
@@ -397,7 +400,11 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
     finally:
         interrupted = signal.getsignal(signal.SIGINT) is _interrupt_sentinel
         signal.signal(signal.SIGINT, previous)
-    runs = {r["trial_id"]: r for r in tracker.child_runs(parent)}
+    try:
+        runs = {r["trial_id"]: r for r in tracker.child_runs(parent)}
+    except Exception as exc:  # the tracking server is down: the outcome is Tune's alone
+        _log.warning("MLflow: could not read the trials' runs: %s", exc)
+        runs = {}
     for result in grid:
         # A trial that never started has no config; its folder is named after it.
         t = by_id[(result.config or {}).get("trial_id") or Path(result.path).name]

@@ -454,8 +454,10 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
     sweep = sweep_file(
         tmp_path, name, methods=["finetune"], search={"seeds": list(range(1, n_trials + 1))},
         data={"max_train_samples": 256},
-        train={"epochs": 5, "batch_size": 8, "lr": 1e-3, "eval_every": eval_every,
-               "log_every": 1},
+        # off: the trial must outlast the outage, since a driver without HTTP retries cannot
+        # record a trial's end (or the sweep's) while the server is down.
+        train={"epochs": 5 if client_retries == "default" else 20, "batch_size": 8, "lr": 1e-3,
+               "eval_every": eval_every, "log_every": 1},
         max_concurrent_trials=1)
     env = sweep_env(ray_cluster, home)
     if client_retries == "off":
