@@ -330,20 +330,19 @@ def test_dry_run_lists_trials_and_starts_nothing(tmp_path):
 def test_ui_serves_the_mlflow_page_on_localhost(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    port = free_port()
-    proc = subprocess.Popen([*CLI, "ui", "--port", str(port)], env=env_for(home), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    port, log = free_port(), tmp_path / "ui.log"
+    proc = start_cli(["ui", "--port", str(port)], home, log)
     try:
         body, deadline = "", time.time() + 120
         while time.time() < deadline:
+            assert proc.poll() is None, f"ui exited with {proc.returncode}:\n{log.read_text()}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
                     body = r.read().decode(errors="replace")
                     break
             except OSError:
                 time.sleep(1)
-        assert "mlflow" in body.lower()
+        assert "mlflow" in body.lower(), log.read_text()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
