@@ -161,6 +161,10 @@ class SweepTracker:
         self.flush_timeout_s = float(flush_timeout_s or self.flush_timeout_s)
         # One MLflow logging thread: batches arrive in order, and SQLite sees one writer.
         os.environ.setdefault("MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE", "1")
+        # A failed batch is reported here (one warning per outage, the lost-metrics file), not
+        # by MLflow's queue once per batch.
+        logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(
+            logging.CRITICAL)
         sha = get_git_commit(os.getcwd())  # the driver's checkout
         self.tags = {TAG.VERSION: __version__, **({TAG.GIT: sha} if sha else {})}
         self._client: MlflowClient | None = None
