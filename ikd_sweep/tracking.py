@@ -159,8 +159,6 @@ class SweepTracker:
                               else default_artifact_root(self.tracking_uri))
         self.home = Path(home).expanduser().resolve() if home else home_for(self.tracking_uri)
         self.flush_timeout_s = float(flush_timeout_s or self.flush_timeout_s)
-        # One MLflow logging thread: batches arrive in order, and SQLite sees one writer.
-        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE", "1")
         # A failed batch is reported here (one warning per outage, the lost-metrics file), not
         # by MLflow's queue once per batch.
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(
@@ -370,6 +368,7 @@ class SweepTracker:
         """Wait for the run's metrics, log artifacts and the error, and end it with ``status``."""
         with self._lock:
             inflight = self._inflight.pop(run_id, [])
+        # (MLflow's set_terminated below also drains its whole async queue, all runs included.)
         _, late = wait([e[0] for e in inflight], timeout=self.flush_timeout_s)
         for entry in inflight:
             if entry[0] in late:  # it may still arrive: the file errs on the side of reporting
