@@ -20,13 +20,13 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from ikd_sweep.tracking import ROLE_SWEEP, ROLE_TRIAL, TAG  # the one table of tag names
 from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
 
 # Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
 # so a default that leaked into a finetune run's params cannot split its seeds into two settings.
 TRIAL_COLUMNS = ("trial_id", "task", "method", "seed", *HPARAMS, "phase")
 PHASES = ("search", "confirm")
-TAG_PHASE = "ikd.phase"
 #: Result metric -> column. ``sel/*`` is the run's checkpoint with the best ``val/main``;
 #: ``best/dev_main`` (max over dev) is a diagnostic that the report never selects on.
 RESULT_METRICS = {
@@ -127,15 +127,15 @@ def _parent_runs(client: MlflowClient) -> list[Any]:
     ids = _experiment_ids(client)
     if not ids:
         return []
-    runs = _search(client, ids, "tags.`ikd.role` = 'sweep'")
-    runs = [r for r in runs if r.data.tags.get("ikd.superseded") != "true"]
+    runs = _search(client, ids, f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
+    runs = [r for r in runs if r.data.tags.get(TAG.SUPERSEDED) != "true"]
     return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
 
 
 def latest_sweep_name(tracking_uri: str) -> str | None:
     """The sweep of the most recently started parent run, or None when there is none."""
     for run in _parent_runs(_client(tracking_uri)):
-        name = run.data.tags.get("ikd.sweep")
+        name = run.data.tags.get(TAG.SWEEP)
         if name:
             return name
     return None
@@ -224,20 +224,20 @@ def _timestamp(ms: int | None) -> pd.Timestamp:
 
 def _run_row(run: Any) -> dict[str, Any]:
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    method = tags.get("ikd.method", params.get("method"))
+    method = tags.get(TAG.METHOD, params.get("method"))
     start, end = run.info.start_time, run.info.end_time
     row: dict[str, Any] = {
         "run_id": run.info.run_id,
-        "trial_id": tags.get("ikd.trial_id", run.info.run_name),
-        "task": tags.get("ikd.task", params.get("task")),
+        "trial_id": tags.get(TAG.TRIAL_ID, run.info.run_name),
+        "task": tags.get(TAG.TASK, params.get("task")),
         "method": method,
-        "seed": _seed(tags.get("ikd.seed", params.get("seed"))),
+        "seed": _seed(tags.get(TAG.SEED, params.get("seed"))),
         **{h: _float(params.get(h)) for h in HPARAMS},
         # The estimator only means something for IKD (other methods may carry the default).
         "estimator": params.get("ikd.estimator") if method == "ikd" else None,
-        "phase": tags.get(TAG_PHASE),  # filled from trials.json, then checked, in collect()
+        "phase": tags.get(TAG.PHASE),  # filled from trials.json, then checked, in collect()
         "status": run.info.status,
-        "error": tags.get("ikd.error"),
+        "error": tags.get(TAG.ERROR),
         **{col: _float(metrics.get(key)) for key, col in RESULT_METRICS.items()},
         "start_time": _timestamp(start),
         "end_time": _timestamp(end) if run.info.status != "RUNNING" else pd.NaT,
@@ -267,14 +267,14 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     parents = _parent_runs(client)
     names = []
     for run in parents:
-        name = run.data.tags.get("ikd.sweep")
+        name = run.data.tags.get(TAG.SWEEP)
         if name and name not in names:
             names.append(name)
     if sweep is None:
         if not names:
             raise LookupError(f"No sweeps found in the MLflow store at {tracking_uri}")
         sweep = names[0]
-    matching = [r for r in parents if r.data.tags.get("ikd.sweep") == sweep]
+    matching = [r for r in parents if r.data.tags.get(TAG.SWEEP) == sweep]
     if not matching:
         known = ", ".join(names) if names else "none"
         raise LookupError(
@@ -284,9 +284,9 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     parent = matching[0]
     parent_id = parent.info.run_id
     children = _search(
-        client, [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        client, [parent.info.experiment_id], f"tags.`{TAG.PARENT}` = '{parent_id}'"
     )
-    rows = [_run_row(r) for r in children if r.data.tags.get("ikd.role", "trial") == "trial"]
+    rows = [_run_row(r) for r in children if r.data.tags.get(TAG.ROLE, ROLE_TRIAL) == ROLE_TRIAL]
     extra = sorted({k for row in rows for k in row if k not in RUN_COLUMNS})
     runs = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *extra])
     for h in HPARAMS:
@@ -325,7 +325,7 @@ def _fill_from_expected(runs: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFr
             fill = runs["trial_id"].map(ref[col])
             runs[col] = runs[col].where(runs[col].notna(), fill)
     runs["phase"] = [
-        _phase(p, f"run {r} tag {TAG_PHASE}")
+        _phase(p, f"run {r} tag {TAG.PHASE}")
         for p, r in zip(runs["phase"], runs["run_id"], strict=True)
     ]
     runs["seed"] = pd.array([None if pd.isna(s) else int(s) for s in runs["seed"]], dtype="Int64")

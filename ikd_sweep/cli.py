@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -74,15 +77,25 @@ def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     console.print(f"{sweep}: valid, {len(trials)} trials")
 
 
-class _ProgressCallback:
-    """Trainer callback for `ikd-sweep train`: a progress bar and a JSON-lines metrics log."""
+TrackingOpt = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+    "sqlite:///<home>/mlflow.db)")]
 
-    def __init__(self, progress: Progress, task_id, log_path: Path):
+
+class _ProgressCallback:
+    """Trainer callback for `ikd-sweep train`: a progress bar, a JSON-lines metrics log and,
+    unless --no-track, the tracker's run."""
+
+    def __init__(self, progress: Progress, task_id, log_path: Path,
+                 track: Callable[[dict, int], None] | None = None):
         self.progress, self.task_id, self.log_path = progress, task_id, log_path
+        self.track = track
 
     def _write(self, metrics: dict, step: int) -> None:
         with self.log_path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if self.track is not None:
+            self.track(metrics, step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._write(metrics, step)
@@ -112,6 +125,9 @@ def train(
     = None,
     resume: Annotated[bool, typer.Option(help="continue from this trial's last checkpoint")]
     = False,
+    track: Annotated[bool, typer.Option(help="record the trial in MLflow (run <sweep>-train "
+                                        "of the sweep's experiment)")] = True,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
     """Run one trial of a sweep without Ray; print its final metrics as JSON."""
     from ikd_sweep.trainer import NonFiniteLoss
@@ -133,31 +149,50 @@ def train(
     (run_dir / "trial.json").write_text(json.dumps(
         {**trial.to_dict(), "sweep": cfg.model_dump(mode="json")}, indent=1))
     err.print(f"trial {trial.trial_id} → {run_dir}")
+    tracker = run_id = None
+    if track:  # imported here: `train --no-track` runs where mlflow is not installed
+        from ikd_sweep.tracking import SweepTracker, flat_params, trial_record, trial_tags
+
+        tracker = SweepTracker(_tracking_uri(tracking_uri, cfg.tracking.uri, root),
+                               cfg.experiment)
+        parent = tracker.start_sweep(f"{cfg.name}-train", cfg.model_dump(mode="json"))
+        run_id = tracker.trial_run(parent, trial.trial_id, tags=trial_tags(cfg, trial),
+                                   params=flat_params(cfg, trial))
+        err.print(f"tracking: run {run_id} in experiment {cfg.experiment} at "
+                  f"{tracker.tracking_uri}")
+
+    def finish(status: str, **kw) -> None:
+        if tracker is not None and run_id is not None:
+            tracker.finish_trial(run_id, status, trial_config=trial_record(cfg, trial), **kw)
+
     status, result, error = "FINISHED", {}, None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"
                   "/{task.total}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                   console=err) as progress:
         bar = progress.add_task(trial.trial_id, total=None, info="")
-        cb = _ProgressCallback(progress, bar, run_dir / "metrics.jsonl")
+        cb = _ProgressCallback(progress, bar, run_dir / "metrics.jsonl", track=None if
+                               tracker is None else partial(tracker.log_metrics, run_id))
         try:
             result = run_trial(cfg, trial, home=root, callback=cb, checkpoint_dir=ckpt,
                                resume_from=resume_from, device=device)
         except NonFiniteLoss as e:
             status, error = "FAILED", str(e)
         except KeyboardInterrupt:
+            finish("KILLED")
             err.print(f"interrupted; resume with --resume (checkpoint: {ckpt})")
             raise typer.Exit(130) from None
+        except Exception as e:
+            finish("FAILED", error=f"{type(e).__name__}: {e}\n\n{traceback.format_exc(limit=8)}")
+            raise
+    if tracker is not None and status == "FINISHED":
+        tracker.log_metrics(run_id, result, int(result.get("steps", 0)))
+    finish(status, error=error, final_metrics=result if status == "FINISHED" else None)
     out = {"trial_id": trial.trial_id, "status": status, **({"error": error} if error else {}),
            **result}
     (run_dir / "final_metrics.json").write_text(json.dumps(out, indent=1))
     console.print_json(json.dumps(out))
     if status != "FINISHED":
         raise typer.Exit(1)
-
-
-TrackingOpt = Annotated[str | None, typer.Option(
-    "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-    "sqlite:///<home>/mlflow.db)")]
 
 
 def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
@@ -169,13 +204,45 @@ def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
 def _print_trials(cfg: SweepConfig) -> None:
     # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
     trials = expand_trials(cfg)
+    # The confirmation phase re-runs the setting the report selects per (task, method), which
+    # the search decides: list it as "selected setting x confirm seeds".
+    labels = list(cfg.methods)
+    if "ikd" in labels and 0 in cfg.search.teacher_lr and cfg.search.algorithm == "grid":
+        labels.append("ikd-control")
+    confirm = [(task, m, seed) for task in cfg.tasks for m in labels
+               for seed in cfg.search.confirm_seeds]
     width = max(len(t.trial_id) for t in trials)
-    print(f"{cfg.name}: {len(trials)} trials (dry run: nothing was started)")
+    phases = (f" ({len(trials)} search, {len(confirm)} confirm)" if confirm else "")
+    print(f"{cfg.name}: {len(trials) + len(confirm)} trials{phases} "
+          "(dry run: nothing was started)")
     print(f"{'trial_id':<{width}}  {'task':<8} {'method':<8} {'seed':>4} {'T':>6} {'E':>4} "
-          f"{'teacher_lr':>10}")
+          f"{'teacher_lr':>10}  phase")
     for t in trials:
         print(f"{t.trial_id:<{width}}  {t.task:<8} {t.method:<8} {t.seed:>4} "
-              f"{_fmt(t.temperature):>6} {_fmt(t.exam_every):>4} {_fmt(t.teacher_lr):>10}")
+              f"{_fmt(t.temperature):>6} {_fmt(t.exam_every):>4} {_fmt(t.teacher_lr):>10}  search")
+    for task, method, seed in confirm:
+        name = f"{task}-{method}-s{seed}"
+        print(f"{name:<{width}}  {task:<8} {method:<8} {seed:>4} {'selected setting':>22}  "
+              "confirm")
+
+
+def _summary(cfg: SweepConfig, uri: str, seconds: float) -> Table:
+    """Per (task, method) the report's own number: the selected setting's mean dev score."""
+    from analysis.collect import collect
+    from analysis.tables import build_report
+
+    runs = collect(cfg.name, uri)
+    selected = build_report(runs.runs, runs.expected, cfg.name).selected
+    methods = list(dict.fromkeys(selected["method"]))
+    table = Table(title=f"{cfg.name}: dev score of the selected setting, mean over seeds, as in "
+                        f"the report ({seconds:.0f} s)")
+    for col in ("task", *methods):
+        table.add_column(col)
+    for task in dict.fromkeys(selected["task"]):
+        rows = selected[selected["task"].eq(task)].set_index("method")
+        table.add_row(task, *[f"{rows.at[m, 'mean']:.4f} (n={rows.at[m, 'n']})"
+                              if m in rows.index else "-" for m in methods])
+    return table
 
 
 @app.command()
@@ -203,23 +270,25 @@ def run(
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
     tracker = SweepTracker(uri, cfg.experiment)
     n = len(expand_trials(cfg))
-    err.print(f"sweep {cfg.name}: {n} trials; working folder {root}; tracking {uri}")
+    confirm = (f" + confirmation on seeds {cfg.search.confirm_seeds}"
+               if cfg.search.confirm_seeds else "")
+    err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root}; tracking {uri}")
     t0 = time.time()
     try:
         out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: re-run the same command to resume")
         raise typer.Exit(130) from None
-    table = Table(title=f"{cfg.name}: best dev score per task and method "
-                        f"({time.time() - t0:.0f} s)")
-    for col in ("task", *cfg.methods):
-        table.add_column(col)
-    for task in cfg.tasks:
-        table.add_row(task, *[_fmt(round(out.best[(task, m)], 4)) if (task, m) in out.best
-                              else "-" for m in cfg.methods])
-    console.print(table)
+    if out.finished:
+        try:
+            console.print(_summary(cfg, uri, time.time() - t0))
+        except Exception as e:  # e.g. the tracking server went away: the runs are recorded
+            err.print(f"[yellow]no summary[/yellow] ({type(e).__name__}: {e}); "
+                      f"later: ikd-sweep report --sweep {cfg.name}")
+    n += len(out.confirm)
     console.print(f"finished {len(out.finished)}, failed {len(out.failed)}, "
-                  f"stopped early {len(out.stopped)} of {n} trials")
+                  f"stopped early {len(out.stopped)} of {n} trials"
+                  + (f" ({len(out.confirm)} confirmation)" if out.confirm else ""))
     for trial_id, error in sorted(out.failed.items()):
         first = error.strip().splitlines()[0] if error.strip() else "unknown error"
         console.print(f"  [red]FAILED[/red] {trial_id}: {first}", highlight=False)

@@ -1,105 +1,195 @@
-"""Ray Tune: sweep -> param space, the trainable, Tuner build/restore, resources.
+"""Ray Tune: sweep -> trials, the trainable, Tuner build/restore, the tracking callback.
 
-The only module that imports Ray. One Tuner per task (stored under
-`<home>/ray/<sweep>/<task>`): a scheduler such as ASHA then compares trials of one task only,
-and a task's teachers are fine-tuned (one Ray task per seed, in parallel) before its trials
-start, so no trial waits on another trial's teacher. Re-running the same sweep restores each
-Tuner: finished trials are not run again, unfinished ones continue from their last checkpoint.
-The tokenized data and the sweep config travel once through Ray's object store
-(`tune.with_parameters`), not pickled into every trial.
+The only module that imports Ray. Trials only `tune.report`: training curves at `log_every`,
+evaluations with their checkpoints, the final result. `TrackingCallback`, on the driver, hands
+every report to the `tracking.SweepTracker`, so a sweep's store has one writer.
 
-Every trial records itself in MLflow through `tracking.SweepTracker`: a trial whose MLflow run
-is already FINISHED (e.g. it finished just before the driver was killed, after Tune's last
-state save) reports its recorded metrics instead of training again.
+A sweep runs in two phases. Search: every trial of the sweep file. Confirmation (when
+`search.confirm_seeds` is set): the setting the report selects per (task, method) re-run on
+those seeds; the trials are worked out once, recorded in the parent run's `trials.json`, and
+taken from there on every later run of the command. Each phase runs one Tuner per task (per
+(task, method) under ASHA, so early stops compare trials of one method only), stored under
+`<home>/ray/<sweep>/`; a task's teachers are fine-tuned first (one Ray task per seed). Re-running
+the command restores each Tuner; a trial whose MLflow run is FINISHED is never trained again.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ikd_sweep.config import SweepConfig
-from ikd_sweep.tracking import SweepTracker
 from ikd_sweep.trials import Trial, expand_trials, trial_seed
 
+if TYPE_CHECKING:  # Ray workers never import MLflow: only the driver records
+    from ikd_sweep.tracking import SweepTracker
+
+_log = logging.getLogger(__name__)
+
+REPORT = "ikd"  # a trial's report: {"ikd": {"kind", "step", "time_ms", "metrics"|"error"}}
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
+EVALS = "ikd_evals"  # evaluations so far: ASHA's time axis (evaluation reports only)
+CONTROL = "ikd-control"  # the report's label for ikd with teacher_lr 0
 
 
-def flat_params(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
-    """The trial's flattened config: what MLflow records as params."""
-    out: dict[str, Any] = {k: v for k, v in trial.to_dict().items() if v is not None}
-    for section in ("data", "teacher", "student", "train", "ikd"):
-        for k, v in getattr(cfg, section).model_dump(mode="json").items():
-            if v is not None and v != {}:
-                out[f"{section}.{k}"] = v
-    out["sweep"] = cfg.name
-    return out
+# ------------------------------------------------------------------------------ worker side
 
 
-def trial_tags(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
-    return {"ikd.sweep": cfg.name, "ikd.task": trial.task, "ikd.method": trial.method,
-            "ikd.seed": str(trial.seed), "ikd.trial_id": trial.trial_id, "ikd.role": "trial"}
+def _report(info: dict[str, Any], top: dict[str, Any] | None = None,
+            checkpoint: tune.Checkpoint | None = None) -> None:
+    # Stamped here: the metrics keep the time they were measured, whenever MLflow gets them.
+    tune.report({**(top or {}), REPORT: {**info, "time_ms": int(time.time() * 1000)}},
+                checkpoint=checkpoint)
 
 
-class _TuneCallback:
-    """Trainer callback inside a Ray trial: MLflow for every metric, Tune at evaluations."""
+class _Reporter:
+    """Trainer callback inside a Ray trial: everything goes to Tune, nothing to MLflow."""
 
-    def __init__(self, tracker: SweepTracker, run_id: str):
-        self.tracker, self.run_id = tracker, run_id
+    def __init__(self, evals: int) -> None:
+        self.evals = evals  # carried in the checkpoint's metadata across a resume
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.tracker.log_metrics(self.run_id, metrics, step)
+        _report({"kind": "log", "step": int(step), "metrics": dict(metrics)})
 
     def report(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
-        self.tracker.log_metrics(self.run_id, metrics, step)
-        ckpt = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
-        tune.report({**metrics, "step": step}, checkpoint=ckpt)
+        self.evals += 1
+        ckpt = None
+        if checkpoint is not None:
+            ckpt = tune.Checkpoint.from_directory(str(checkpoint))
+            ckpt.set_metadata({EVALS: self.evals})
+        top = {EVALS: self.evals, **({"val/main": metrics["val/main"]}
+                                     if "val/main" in metrics else {})}
+        _report({"kind": "eval", "step": int(step), "metrics": dict(metrics)}, top, ckpt)
 
 
-def trainable(config: dict, *, sweep: SweepConfig, home: str, tracker: SweepTracker,
-              parent_run_id: str, trials: dict[str, dict], splits: dict | None = None) -> None:
-    """One Ray Tune trial: run the trainer, record it in MLflow, report to Tune."""
+def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, dict],
+              done: frozenset[str], splits: dict | None = None) -> None:
+    """One Ray Tune trial: run the trainer and report to Tune (the driver records it)."""
     from ikd_sweep.trial import run_trial
 
-    trial = Trial.from_dict(trials[config["trial_id"]])
-    done = tracker.finished_metrics(parent_run_id, trial.trial_id)
-    if done is not None:  # already recorded as finished: never train (or record) it twice
-        tune.report({**done, DONE_KEY: 1})
+    if config["trial_id"] in done:  # FINISHED in MLflow already: never train it twice
+        _report({"kind": "recorded", "step": 0, "metrics": {}}, {DONE_KEY: 1})
         return
-    run_id = tracker.trial_run(parent_run_id, trial.trial_id, tags=trial_tags(sweep, trial),
-                               params=flat_params(sweep, trial))
+    trial = Trial.from_dict(trials[config["trial_id"]])
     ckpt = tune.get_checkpoint()
+    reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
     try:
         with (ckpt.as_directory() if ckpt else nullcontext()) as resume_dir:
-            final = run_trial(sweep, trial, home=Path(home), callback=_TuneCallback(tracker,
-                              run_id), checkpoint_dir=work / "checkpoint",
+            final = run_trial(sweep, trial, home=Path(home), callback=reporter,
+                              checkpoint_dir=work / "checkpoint",
                               resume_from=Path(resume_dir) if resume_dir else None,
                               splits=splits)
     except Exception as e:
-        tracker.finish_trial(run_id, "FAILED", error=f"{type(e).__name__}: {e}\n\n"
-                             f"{traceback.format_exc(limit=8)}",
-                             trial_config={**trial.to_dict(), "sweep": sweep.name})
+        _report({"kind": "error", "step": 0,
+                 "error": f"{type(e).__name__}: {e}\n\n{traceback.format_exc(limit=8)}"})
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    tracker.log_metrics(run_id, final, int(final.get("steps", 0)))
-    tracker.finish_trial(run_id, "FINISHED", final_metrics=final,
-                         trial_config={**trial.to_dict(), "sweep": sweep.name,
-                                       "seed_used": trial_seed(sweep, trial)})
-    tune.report({**final, "dev/main": final.get("final/dev_main"), DONE_KEY: 1})
+    _report({"kind": "final", "step": int(final.get("steps", 0)), "metrics": final},
+            {DONE_KEY: 1})
+
+
+# ------------------------------------------------------------------------------ driver side
+
+
+class TrackingCallback(tune.Callback):
+    """On the driver: one MLflow child run per trial, every report logged at its own step."""
+
+    def __init__(self, tracker: SweepTracker, parent: str, sweep: SweepConfig,
+                 trials: dict[str, Trial], done: frozenset[str]) -> None:
+        self.tracker, self.parent, self.sweep = tracker, parent, sweep
+        self.trials, self.done = trials, done
+        self.runs: dict[str, str] = {}  # trial_id -> run_id
+        self.final: dict[str, dict] = {}
+        self.errors: dict[str, str] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from ikd_sweep.tracking import flat_params, trial_tags
+
+        tid = trial.config["trial_id"]
+        if tid not in self.done:
+            t = self.trials[tid]
+            self.runs[tid] = self.tracker.trial_run(self.parent, tid,
+                                                    tags=trial_tags(self.sweep, t),
+                                                    params=flat_params(self.sweep, t))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        tid, rep = trial.config["trial_id"], result.get(REPORT) or {}
+        if tid in self.done or rep.get("kind") in (None, "recorded"):
+            return
+        if tid not in self.runs:  # its start could not be recorded: try again now
+            self.on_trial_start(iteration, trials, trial)
+        run_id = self.runs[tid]
+        if rep["kind"] == "error":
+            self.errors[tid] = rep["error"]
+            return
+        if rep["kind"] == "final":
+            self.final[tid] = rep["metrics"]
+        self.tracker.log_metrics(run_id, rep["metrics"], rep["step"], rep["time_ms"])
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from ikd_sweep.tracking import trial_record
+
+        # Without a final result the trial was stopped (scheduler or Ctrl-C): run_sweep decides.
+        tid = trial.config["trial_id"]
+        if tid in self.runs and tid in self.final:
+            self.tracker.finish_trial(self.runs[tid], "FINISHED", final_metrics=self.final[tid],
+                                      trial_config=trial_record(self.sweep, self.trials[tid]))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from ikd_sweep.tracking import trial_record
+
+        tid = trial.config["trial_id"]
+        if tid in self.runs:
+            self.errors[tid] = self.errors.get(tid) or str(trial.get_error() or "trial failed")
+            self.tracker.finish_trial(self.runs[tid], "FAILED", error=self.errors[tid],
+                                      trial_config=trial_record(self.sweep, self.trials[tid]))
+
+
+_live: TrackingCallback | None = None  # this driver's callback of the Tuner being fit
+
+
+class _Forward(tune.Callback):
+    """What the Tuner stores with its state, and gets back on restore: a stateless stand-in
+    (the tracker holds a live MLflow client) that hands each event to this process's
+    TrackingCallback. A tracking failure is logged; it never ends the sweep."""
+
+    def _call(self, hook: str, kw: dict) -> None:
+        if _live is not None:
+            try:
+                getattr(_live, hook)(**kw)
+            except Exception as exc:
+                _log.warning("MLflow: %s of %s not recorded: %s", hook,
+                             kw["trial"].config.get("trial_id"), exc)
+
+    def on_trial_start(self, **kw: Any) -> None:
+        self._call("on_trial_start", kw)
+
+    def on_trial_result(self, **kw: Any) -> None:
+        self._call("on_trial_result", kw)
+
+    def on_trial_complete(self, **kw: Any) -> None:
+        self._call("on_trial_complete", kw)
+
+    def on_trial_error(self, **kw: Any) -> None:
+        self._call("on_trial_error", kw)
 
 
 def _trial_name(trial) -> str:
@@ -136,7 +226,7 @@ class SweepOutcome:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)    # trial_id -> error
     stopped: list[str] = field(default_factory=list)        # early-stopped by the scheduler
-    best: dict[tuple[str, str], float] = field(default_factory=dict)  # (task, method) -> dev
+    confirm: list[str] = field(default_factory=list)        # confirmation trial ids
     interrupted: bool = False
     parent_run_id: str = ""
 
@@ -159,26 +249,84 @@ def init_ray(address: str | None) -> str:
     return gcs
 
 
+def _nan_to_none(value: Any) -> Any:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def selected_settings(sweep: SweepConfig, tracking_uri: str) -> list[Trial]:
+    """The report's selected setting per (task, method), as trials without a seed (seed 0)."""
+    from analysis.collect import collect
+    from analysis.tables import build_report
+
+    runs = collect(sweep.name, tracking_uri)
+    selected = build_report(runs.runs, runs.expected, sweep.name).selected
+    out = []
+    for row in selected.to_dict("records"):
+        exam_every = _nan_to_none(row.get("exam_every"))
+        out.append(Trial(row["task"], "ikd" if row["method"] == CONTROL else row["method"], 0,
+                         _nan_to_none(row.get("temperature")),
+                         None if exam_every is None else int(exam_every),
+                         _nan_to_none(row.get("teacher_lr")), phase="confirm"))
+    return out
+
+
+def confirm_trials(sweep: SweepConfig, settings: list[Trial]) -> list[Trial]:
+    """Each selected setting (of a task and method still in the sweep) × `confirm_seeds`."""
+    keep = [s for s in dict.fromkeys(Trial(**{**s.__dict__, "seed": 0}) for s in settings)
+            if s.task in sweep.tasks and s.method in sweep.methods]
+    return [Trial(**{**s.__dict__, "seed": seed, "phase": "confirm"})
+            for s in keep for seed in sweep.search.confirm_seeds]
+
+
 def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
               address: str | None = None, restart: bool = False, verbose: int = 1) -> SweepOutcome:
-    """Run (or resume) every trial of `sweep`; return what happened to each."""
-    trials = expand_trials(sweep)
+    """Run (or resume) both phases of `sweep`; return what happened to each trial."""
+    search = expand_trials(sweep)
     home = home.resolve()
     # Checkpoints are small and frequent by design (one per evaluation); Ray's hint is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Training-curve reports carry no val/main; only evaluation reports do (ASHA skips others).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     storage = home / "ray" / sweep.name
     if restart and storage.exists():
         shutil.rmtree(storage)
-    parent = tracker.start_sweep(sweep.name, sweep.model_dump(mode="json"),
-                                 [t.to_dict() for t in trials], restart=restart)
+    parent = tracker.start_sweep(sweep.name, sweep.model_dump(mode="json"), restart=restart)
+    # Confirmation trials, once worked out, are part of the sweep: never chosen a second time.
+    recorded = [Trial.from_dict(d) for d in tracker.expected_trials(parent)
+                if d.get("phase") == "confirm"]
+    confirm = confirm_trials(sweep, recorded) if sweep.search.confirm_seeds else []
+    tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
     out = SweepOutcome(parent_run_id=parent)
     init_ray(address)
+    _run_phase(sweep, search, home, storage, tracker, parent, out, verbose)
+    if sweep.search.confirm_seeds and not out.interrupted:
+        if not confirm:
+            confirm = confirm_trials(sweep, selected_settings(sweep, tracker.tracking_uri))
+            tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
+        out.confirm = [t.trial_id for t in confirm]
+        _run_phase(sweep, confirm, home, storage / "confirm", tracker, parent, out, verbose)
+    try:
+        if out.interrupted:
+            tracker.mark_unfinished(parent, "KILLED")
+        tracker.end_sweep(parent, "KILLED" if out.interrupted else
+                          "FAILED" if out.failed else "FINISHED")
+    except Exception as exc:  # the trials are done; the next run of the command sets it
+        _log.warning("MLflow: could not record the end of the sweep: %s", exc)
+    return out
+
+
+def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Path,
+               tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int) -> None:
+    from ikd_sweep.tracking import flat_params, trial_record, trial_tags
+
     res = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
     prep = ray.remote(_prepare_teacher).options(num_cpus=res["CPU"], num_gpus=res["GPU"],
                                                 max_retries=sweep.max_failures)
+    # Only the search phase is early-stopped: a confirmation run is the measurement itself.
+    asha = sweep.search.scheduler == "asha" and trials[0].phase == "search"
     for task in sweep.tasks:
         task_trials = [t for t in trials if t.task == task]
-        # Teachers first, one Ray task per seed, in parallel.
+        # Teachers first (one per task and seed), one Ray task per seed, in parallel.
         seeds = sorted({t.seed for t in task_trials if t.method != "finetune"})
         futures = {s: prep.remote(sweep, task, s, str(home)) for s in seeds}
         bad_seeds: dict[int, str] = {}
@@ -190,57 +338,60 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
         runnable = []
         for t in task_trials:
             if t.method != "finetune" and t.seed in bad_seeds:
-                _record_failed(tracker, parent, sweep, t, bad_seeds[t.seed])
+                run_id = tracker.trial_run(parent, t.trial_id, tags=trial_tags(sweep, t),
+                                           params=flat_params(sweep, t))
+                tracker.finish_trial(run_id, "FAILED", error=bad_seeds[t.seed],
+                                     trial_config=trial_record(sweep, t))
                 out.failed[t.trial_id] = bad_seeds[t.seed]
             else:
                 runnable.append(t)
-        if runnable:
-            _run_task(sweep, task, runnable, home, storage, tracker, parent, out, verbose)
+        groups = ([[t for t in runnable if t.method == m] for m in sweep.methods] if asha
+                  else [runnable])
+        splits = _tokenized(sweep, task, str(home)) if runnable else None
+        for group in groups:
+            if group and not out.interrupted:
+                name = task if not asha else f"{task}-{group[0].method}"
+                _run_tuner(sweep, group, home, storage / name, tracker, parent, out, verbose,
+                           splits, asha)
         if out.interrupted:
-            break
-    if out.interrupted:
-        tracker.mark_unfinished(parent, "KILLED")
-    tracker.end_sweep(parent, "KILLED" if out.interrupted else
-                      "FAILED" if out.failed else "FINISHED")
-    return out
+            return
 
 
-def _record_failed(tracker: SweepTracker, parent: str, sweep: SweepConfig, t: Trial,
-                   error: str) -> None:
-    run_id = tracker.trial_run(parent, t.trial_id, tags=trial_tags(sweep, t),
-                               params=flat_params(sweep, t))
-    tracker.finish_trial(run_id, "FAILED", error=error, trial_config=t.to_dict())
+def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
+               tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
+               splits: dict | None, asha: bool) -> None:
+    from ikd_sweep.tracking import trial_record
 
-
-def _run_task(sweep: SweepConfig, task: str, trials: list[Trial], home: Path, storage: Path,
-              tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int) -> None:
-    by_id = {t.trial_id: t.to_dict() for t in trials}
-    fn = tune.with_parameters(trainable, sweep=sweep, home=str(home), tracker=tracker,
-                              parent_run_id=parent, trials=by_id,
-                              splits=_tokenized(sweep, task, str(home)))
+    by_id = {t.trial_id: t for t in trials}
+    done = frozenset(r["trial_id"] for r in tracker.child_runs(parent)
+                     if r["status"] == "FINISHED" and r["trial_id"] in by_id)
+    callback = TrackingCallback(tracker, parent, sweep, by_id, done)
+    fn = tune.with_parameters(trainable, sweep=sweep, home=str(home), done=done,
+                              trials={k: t.to_dict() for k, t in by_id.items()}, splits=splits)
     fn = tune.with_resources(fn, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
-    path = storage / task
+    run_config = tune.RunConfig(
+        name=path.name, storage_path=str(path.parent), verbose=verbose, callbacks=[_Forward()],
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    global _live
+    _live = callback
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), fn, resume_unfinished=True, resume_errored=False)
     else:
-        scheduler = None
-        if sweep.search.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=2,
-                                      reduction_factor=2)
+        scheduler = ASHAScheduler(time_attr=EVALS, grace_period=2, reduction_factor=2) \
+            if asha else None
         tuner = tune.Tuner(
             fn,
             # The trial id is the only parameter: the trial table shows it, and the trainable
             # looks the trial up; grid_search over the expanded list never repeats a trial.
             param_space={"trial_id": tune.grid_search(list(by_id))},
             tune_config=tune.TuneConfig(
-                metric="dev/main" if scheduler else None, mode="max" if scheduler else None,
+                # Selection data only: dev is never used to stop (or choose) anything.
+                metric="val/main" if scheduler else None, mode="max" if scheduler else None,
                 scheduler=scheduler, max_concurrent_trials=sweep.max_concurrent_trials,
                 reuse_actors=True, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name=task, storage_path=str(storage), verbose=verbose,
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            run_config=run_config,
         )
     # Ray swaps in its own SIGINT handler during fit and puts the previous one back after the
     # first Ctrl-C; finding our sentinel back afterwards means the user interrupted the sweep.
@@ -250,24 +401,30 @@ def _run_task(sweep: SweepConfig, task: str, trials: list[Trial], home: Path, st
     finally:
         interrupted = signal.getsignal(signal.SIGINT) is _interrupt_sentinel
         signal.signal(signal.SIGINT, previous)
-    runs = {r["trial_id"]: r for r in tracker.child_runs(parent)}
+    try:
+        runs = {r["trial_id"]: r for r in tracker.child_runs(parent)}
+    except Exception as exc:  # the tracking server is down: the outcome is Tune's alone
+        _log.warning("MLflow: could not read the trials' runs: %s", exc)
+        runs = {}
     for result in grid:
-        t = Trial.from_dict(by_id[result.config["trial_id"]])
-        m = result.metrics or {}
+        # A trial that never started has no config; its folder is named after it.
+        t = by_id[(result.config or {}).get("trial_id") or Path(result.path).name]
+        m, run = result.metrics or {}, runs.get(t.trial_id)
         if result.error is not None:
-            out.failed[t.trial_id] = runs.get(t.trial_id, {}).get("error") or str(result.error)
+            out.failed[t.trial_id] = (callback.errors.get(t.trial_id)
+                                      or (run or {}).get("error") or str(result.error))
         elif m.get(DONE_KEY):
             out.finished.append(t.trial_id)
-            key = (t.task, t.method)
-            out.best[key] = max(out.best.get(key, float("-inf")), m.get("best/dev_main", 0.0))
-        elif not interrupted and sweep.search.scheduler != "none":
+            final = (m.get(REPORT) or {}).get("metrics")
+            if run and run["status"] != "FINISHED" and final:
+                # Tune saved the trial as done but the driver died before MLflow heard of it.
+                tracker.finish_trial(run["run_id"], "FINISHED", final_metrics=final,
+                                     trial_config=trial_record(sweep, t))
+        elif not interrupted and asha:
             out.stopped.append(t.trial_id)  # early-stopped: record it as such, not as running
-            run = runs.get(t.trial_id)
             if run and run["status"] == "RUNNING":
                 tracker.finish_trial(run["run_id"], "KILLED",
-                                     error=f"stopped early by the {sweep.search.scheduler} "
-                                     "scheduler")
+                                     error="stopped early by the asha scheduler")
         else:
             interrupted = True
     out.interrupted = out.interrupted or interrupted
-

@@ -5,6 +5,7 @@ Each test drives the CLI in a subprocess, as a user would, and then reads the ML
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -126,44 +127,182 @@ def test_failed_trial_is_recorded_and_run_exits_3(tmp_path):
     assert status["kd"].info.status == status["finetune"].info.status == "FINISHED"
 
 
-def test_killed_driver_resumes_without_rerun_or_duplicates(tmp_path):
-    home = tmp_path / "home"
-    sweep = sweep_file(tmp_path, "killed", tasks=["rte"], methods=["finetune", "kd"],
-                       search={"temperature": [1, 2, 3, 4, 5], "seeds": [1]},
-                       train={"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 2,
-                              "log_every": 1},
-                       max_concurrent_trials=1)
-    proc = subprocess.Popen([*CLI, "run", str(sweep)], env=env_for(home), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+def start_cli(args: list[str], home: Path, log: Path, env: dict | None = None):
+    """The CLI in its own session (so the test can signal everything it started), its output
+    kept in `log` for the failure message."""
+    with open(log, "w") as out:
+        return subprocess.Popen([*CLI, *args], env=env or env_for(home), cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_finished(proc, home: Path, sweep: str, log: Path, at_least: int) -> dict[str, int]:
+    """Poll the store until `at_least` trials are FINISHED; {trial_id: end_time}. Fails at once
+    if the driver exits first."""
     deadline = time.time() + 600
-    finished_before: dict[str, int] = {}
-    try:
-        while time.time() < deadline:
-            time.sleep(1)
-            if (home / "mlflow.db").exists():
-                try:
-                    _, children = runs_of(home, "killed")
-                except Exception:
-                    continue
-                finished_before = {c.data.tags["ikd.trial_id"]: c.info.end_time
-                                   for c in children if c.info.status == "FINISHED"}
-                if len(finished_before) >= 2:
-                    break
-        assert len(finished_before) >= 2, "sweep made no progress"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-        proc.wait()
-    p = run_cli(["run", str(sweep)], home)
-    assert p.returncode == 0, p.stdout + p.stderr
-    parents, children = runs_of(home, "killed")
+    while time.time() < deadline:
+        assert proc.poll() is None, (f"driver exited with {proc.returncode} first:\n"
+                                     f"{log.read_text(errors='replace')[-5000:]}")
+        time.sleep(1)
+        # The driver prints its Ray line after it set up the store: reading it earlier would
+        # race the driver's schema migration of the fresh database.
+        if "Ray: " in log.read_text(errors="replace"):
+            try:
+                _, children = runs_of(home, sweep)
+            except Exception:  # the store is still being created
+                continue
+            done = {c.data.tags["ikd.trial_id"]: c.info.end_time
+                    for c in children if c.info.status == "FINISHED"}
+            if len(done) >= at_least:
+                return done
+    raise AssertionError(f"sweep made no progress:\n{log.read_text(errors='replace')[-5000:]}")
+
+
+def killed_sweep(tmp_path: Path, name: str) -> Path:
+    return sweep_file(tmp_path, name, tasks=["rte"], methods=["finetune", "kd"],
+                      search={"temperature": [1, 2, 3, 4, 5], "seeds": [1]},
+                      train={"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 2,
+                             "log_every": 1},
+                      max_concurrent_trials=1)
+
+
+def assert_resumed_once(home: Path, sweep: str, before: dict[str, int]) -> None:
+    parents, children = runs_of(home, sweep)
     assert len(parents) == 1
     ids = [c.data.tags["ikd.trial_id"] for c in children]
     assert len(ids) == len(set(ids)) == 6  # finetune + 5 kd temperatures, one run each
     assert all(c.info.status == "FINISHED" for c in children)
     after = {c.data.tags["ikd.trial_id"]: c.info.end_time for c in children}
-    for trial_id, end in finished_before.items():
+    for trial_id, end in before.items():
         assert after[trial_id] == end, f"{trial_id} was run again after the resume"
+
+
+def test_killed_driver_resumes_without_rerun_or_duplicates(tmp_path):
+    home, log = tmp_path / "home", tmp_path / "driver.log"
+    sweep = killed_sweep(tmp_path, "killed")
+    proc = start_cli(["run", str(sweep)], home, log)
+    try:
+        finished_before = wait_finished(proc, home, "killed", log, at_least=2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait()
+    p = run_cli(["run", str(sweep)], home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_resumed_once(home, "killed", finished_before)
+
+
+def test_ctrl_c_exits_130_and_the_rerun_resumes(tmp_path):
+    home, log = tmp_path / "home", tmp_path / "driver.log"
+    sweep = killed_sweep(tmp_path, "interrupted")
+    proc = start_cli(["run", str(sweep)], home, log)
+    try:
+        finished_before = wait_finished(proc, home, "interrupted", log, at_least=1)
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert rc == 130, f"exit {rc}:\n{text[-5000:]}"
+    assert "re-run the same command to resume" in text, text[-5000:]
+    _, children = runs_of(home, "interrupted")
+    assert not [c for c in children if c.info.status == "RUNNING"], "runs left RUNNING"
+    p = run_cli(["run", str(sweep)], home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_resumed_once(home, "interrupted", finished_before)
+
+
+def test_store_is_written_by_the_driver_only(tmp_path):
+    """Ray workers run where `import mlflow` fails (and with no tracking URI): every metric
+    of every trial still reaches the store, so the driver alone wrote it."""
+    home, log = tmp_path / "home", tmp_path / "driver.log"
+    blocker = tmp_path / "no-mlflow"
+    (blocker / "mlflow").mkdir(parents=True)
+    (blocker / "mlflow" / "__init__.py").write_text(
+        "raise ImportError('mlflow is blocked in Ray workers by the test')\n")
+    pids = tmp_path / "worker-pids"
+    # sitecustomize runs in every Python process with `blocker` on its path: proof that the
+    # workers did run under the blocker.
+    (blocker / "sitecustomize.py").write_text(
+        f"import os\nwith open({str(pids)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n")
+    env = env_for(home)
+    env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"runtime_env": {"env_vars": {
+        "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)]),
+        "MLFLOW_TRACKING_URI": ""}}})
+    sweep = sweep_file(tmp_path, "one-writer", tasks=["wnli"], methods=["finetune", "ikd"],
+                       search={"temperature": [2], "exam_every": [2], "teacher_lr": [1e-4],
+                               "seeds": [1]})
+    proc = start_cli(["run", str(sweep)], home, log, env=env)
+    rc = proc.wait(timeout=600)
+    text = log.read_text(errors="replace")
+    assert rc == 0, f"exit {rc}:\n{text[-5000:]}"
+    workers = set(pids.read_text().split()) - {str(proc.pid)} if pids.exists() else set()
+    assert workers, "no Ray worker ran with the mlflow blocker"
+    parents, children = runs_of(home, "one-writer")
+    assert len(parents) == 1 and len(children) == 2
+    client = store(home)
+    for c in children:
+        assert c.info.status == "FINISHED", c.data.tags.get("ikd.error")
+        total = int(c.data.metrics["steps"])
+        hist = {key: {m.step for m in client.get_metric_history(c.info.run_id, key)}
+                for key in ("train/loss", "dev/main")}
+        # log_every 1, eval_every 2 (and at the end): the whole curve, every evaluation.
+        assert hist["train/loss"] == set(range(1, total + 1))
+        assert hist["dev/main"] == set(range(2, total + 1, 2)) | {total}
+        assert "final/dev_main" in c.data.metrics
+        if c.data.tags["ikd.method"] == "ikd":
+            assert client.get_metric_history(c.info.run_id, "exam/loss")
+    assert not (home / "lost-metrics").exists()
+
+
+def test_confirmation_phase_runs_the_selected_settings_once(tmp_path):
+    from analysis.collect import collect
+    from analysis.tables import build_report
+
+    home = tmp_path / "home"
+    sweep = sweep_file(tmp_path, "confirm", tasks=["wnli"], methods=["finetune", "kd"],
+                       search={"temperature": [1, 4], "seeds": [1], "confirm_seeds": [2, 3]})
+    dry = run_cli(["run", str(sweep), "--dry-run"], home)
+    assert dry.returncode == 0, dry.stderr
+    assert "7 trials (3 search, 4 confirm)" in dry.stdout
+    assert "wnli-kd-s3" in dry.stdout and "selected setting" in dry.stdout
+
+    p = run_cli(["run", str(sweep)], home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "finished 7, failed 0" in p.stdout and "(4 confirmation)" in p.stdout, p.stdout
+    words = " ".join(p.stdout.split())  # the summary table may wrap its title
+    assert "selected setting" in words and "(n=" in words, p.stdout  # the report's numbers
+    parents, children = runs_of(home, "confirm")
+    assert len(parents) == 1 and len(children) == 7
+    phase = {c.data.tags["ikd.trial_id"]: c.data.tags["ikd.phase"] for c in children}
+    confirm = [c for c in children if phase[c.data.tags["ikd.trial_id"]] == "confirm"]
+    assert sorted((c.data.tags["ikd.method"], int(c.data.tags["ikd.seed"])) for c in confirm) \
+        == [("finetune", 2), ("finetune", 3), ("kd", 2), ("kd", 3)]
+    assert all(c.info.status == "FINISHED" for c in children)
+    # The setting is the one the report selects from the search runs.
+    runs = collect("confirm", f"sqlite:///{home}/mlflow.db")
+    search = runs.runs[runs.runs["trial_id"].map(phase).eq("search")]
+    selected = build_report(search, runs.expected[runs.expected["trial_id"].map(phase).eq(
+        "search")]).selected.set_index("method")
+    for c in confirm:
+        want = selected.at[c.data.tags["ikd.method"], "temperature"]
+        got = c.data.params.get("temperature")
+        assert (got is None and want != want) or float(got) == want, (got, want)
+    # The parent's list of expected trials holds both phases.
+    client = store(home)
+    trials = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "trials.json",
+                                                       str(tmp_path / "dl"))).read_text())
+    assert sorted(t["phase"] for t in trials) == ["confirm"] * 4 + ["search"] * 3
+    # Confirm seeds got their own teachers (kd needs one per task and seed).
+    assert len(list((home / "cache" / "teachers").glob("*/DONE"))) == 3
+
+    # Re-running the finished sweep creates nothing and runs nothing again.
+    ends = {c.info.run_id: c.info.end_time for c in children}
+    again = run_cli(["run", str(sweep)], home)
+    assert again.returncode == 0, again.stdout + again.stderr
+    parents, children = runs_of(home, "confirm")
+    assert len(parents) == 1
+    assert {c.info.run_id: c.info.end_time for c in children} == ends
 
 
 def test_two_sweeps_start_at_once_into_a_fresh_store(tmp_path):
@@ -192,20 +331,19 @@ def test_dry_run_lists_trials_and_starts_nothing(tmp_path):
 def test_ui_serves_the_mlflow_page_on_localhost(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    port = free_port()
-    proc = subprocess.Popen([*CLI, "ui", "--port", str(port)], env=env_for(home), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    port, log = free_port(), tmp_path / "ui.log"
+    proc = start_cli(["ui", "--port", str(port)], home, log)
     try:
         body, deadline = "", time.time() + 120
         while time.time() < deadline:
+            assert proc.poll() is None, f"ui exited with {proc.returncode}:\n{log.read_text()}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
                     body = r.read().decode(errors="replace")
                     break
             except OSError:
                 time.sleep(1)
-        assert "mlflow" in body.lower()
+        assert "mlflow" in body.lower(), log.read_text()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
