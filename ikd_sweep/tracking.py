@@ -32,7 +32,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.git_utils import get_git_commit
 
 from ikd_sweep import __version__
-from ikd_sweep.config import SweepConfig, Trial, default_home, trial_seed
+from ikd_sweep.config import SweepConfig, default_home
+from ikd_sweep.trials import Trial, trial_seed
 
 _log = logging.getLogger(__name__)
 
