@@ -112,7 +112,7 @@ YEOF
 for m in kd ikd; do
   stamp "ikd-sweep train --method $m"
   $PY -m ikd_sweep.cli train "$WORK/check.yaml" --task sst2 --method $m --home "$WORK/home" \
-    --device "$DEVICE" > "$OUTDIR/$m.json" 2> "$WORK/$m.err"
+    --device "$DEVICE" --no-track > "$OUTDIR/$m.json" 2> "$WORK/$m.err"
   echo "exit $?"; tail -n 4 "$WORK/$m.err"; cat "$OUTDIR/$m.json"
   grep -h '"exam/' "$WORK"/home/single/gpu-check/*ikd*/metrics.jsonl 2>/dev/null | tail -n 2
 done
