@@ -16,7 +16,6 @@ the command restores each Tuner; a trial whose MLflow run is FINISHED is never t
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -34,7 +33,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ikd_sweep.config import SweepConfig
-from ikd_sweep.trials import Trial, expand_trials, trial_seed
+from ikd_sweep.trials import Trial, confirm_trials, expand_trials, trial_seed
 
 if TYPE_CHECKING:  # Ray workers never import MLflow: only the driver records
     from ikd_sweep.tracking import SweepTracker
@@ -44,7 +43,6 @@ _log = logging.getLogger(__name__)
 REPORT = "ikd"  # a trial's report: {"ikd": {"kind", "step", "time_ms", "metrics"|"error"}}
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
 EVALS = "ikd_evals"  # evaluations so far: ASHA's time axis (evaluation reports only)
-CONTROL = "ikd-control"  # the report's label for ikd with teacher_lr 0
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -249,33 +247,24 @@ def init_ray(address: str | None) -> str:
     return gcs
 
 
-def _nan_to_none(value: Any) -> Any:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+def _confirmations(sweep: SweepConfig, settings: list[dict[str, Any]]) -> list[Trial]:
+    """Each setting (of a task and method still in the sweep) × `search.confirm_seeds`."""
+    out: list[Trial] = []
+    for st in settings:
+        if st["task"] in sweep.tasks and st["method"] in sweep.methods:
+            out += confirm_trials(sweep, st["task"], st["method"], st)
+    return list(dict.fromkeys(out))
 
 
-def selected_settings(sweep: SweepConfig, tracking_uri: str) -> list[Trial]:
-    """The report's selected setting per (task, method), as trials without a seed (seed 0)."""
+def selected_settings(sweep: SweepConfig, tracking_uri: str) -> list[dict[str, Any]]:
+    """The report's own selection per (task, method): `ikd-control` is ikd with teacher_lr 0."""
     from analysis.collect import collect
     from analysis.tables import build_report
 
     runs = collect(sweep.name, tracking_uri)
     selected = build_report(runs.runs, runs.expected, sweep.name).selected
-    out = []
-    for row in selected.to_dict("records"):
-        exam_every = _nan_to_none(row.get("exam_every"))
-        out.append(Trial(row["task"], "ikd" if row["method"] == CONTROL else row["method"], 0,
-                         _nan_to_none(row.get("temperature")),
-                         None if exam_every is None else int(exam_every),
-                         _nan_to_none(row.get("teacher_lr")), phase="confirm"))
-    return out
-
-
-def confirm_trials(sweep: SweepConfig, settings: list[Trial]) -> list[Trial]:
-    """Each selected setting (of a task and method still in the sweep) × `confirm_seeds`."""
-    keep = [s for s in dict.fromkeys(Trial(**{**s.__dict__, "seed": 0}) for s in settings)
-            if s.task in sweep.tasks and s.method in sweep.methods]
-    return [Trial(**{**s.__dict__, "seed": seed, "phase": "confirm"})
-            for s in keep for seed in sweep.search.confirm_seeds]
+    return [{**row, "method": row.get("base_method") or row["method"]}
+            for row in selected.to_dict("records")]
 
 
 def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
@@ -292,16 +281,15 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
         shutil.rmtree(storage)
     parent = tracker.start_sweep(sweep.name, sweep.model_dump(mode="json"), restart=restart)
     # Confirmation trials, once worked out, are part of the sweep: never chosen a second time.
-    recorded = [Trial.from_dict(d) for d in tracker.expected_trials(parent)
-                if d.get("phase") == "confirm"]
-    confirm = confirm_trials(sweep, recorded) if sweep.search.confirm_seeds else []
+    recorded = [d for d in tracker.expected_trials(parent) if d.get("phase") == "confirm"]
+    confirm = _confirmations(sweep, recorded) if sweep.search.confirm_seeds else []
     tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
     out = SweepOutcome(parent_run_id=parent)
     init_ray(address)
     _run_phase(sweep, search, home, storage, tracker, parent, out, verbose)
     if sweep.search.confirm_seeds and not out.interrupted:
         if not confirm:
-            confirm = confirm_trials(sweep, selected_settings(sweep, tracker.tracking_uri))
+            confirm = _confirmations(sweep, selected_settings(sweep, tracker.tracking_uri))
             tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
         out.confirm = [t.trial_id for t in confirm]
         _run_phase(sweep, confirm, home, storage / "confirm", tracker, parent, out, verbose)
