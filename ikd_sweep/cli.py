@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -20,7 +21,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ikd_sweep.config import ConfigError, SweepConfig, default_home, load_sweep, parse_overrides
-from ikd_sweep.trials import HPARAMS, PickError, Trial, expand_trials, pick_trial
+from ikd_sweep.trials import (
+    HPARAMS,
+    PickError,
+    Trial,
+    expand_trials,
+    flat_params,
+    pick_trial,
+    trial_record,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.")
@@ -151,7 +160,7 @@ def train(
     err.print(f"trial {trial.trial_id} → {run_dir}")
     tracker = run_id = None
     if track:  # imported here: `train --no-track` runs where mlflow is not installed
-        from ikd_sweep.tracking import SweepTracker, flat_params, trial_record, trial_tags
+        from ikd_sweep.tracking import SweepTracker, trial_tags
 
         tracker = SweepTracker(_tracking_uri(tracking_uri, cfg.tracking.uri, root),
                                cfg.experiment)
@@ -332,6 +341,18 @@ def report(
         err.print(f"wrote {f}")
 
 
+def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """argv that serves this (resolved) store in the MLflow UI. For SQLite the artifact root is
+    explicit: ``mlflow ui`` would resolve ``./mlartifacts`` against its own working directory."""
+    from ikd_sweep.tracking import default_artifact_root
+
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri]
+    root = default_artifact_root(tracking_uri)
+    if root is not None:
+        argv += ["--default-artifact-root", root, "--artifacts-destination", root]
+    return [*argv, "--host", host, "--port", str(port)]
+
+
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(help="port")] = 5000,
@@ -341,8 +362,6 @@ def ui(
     home: HomeOpt = None,
 ) -> None:
     """Browse the runs in the MLflow UI (bound to localhost unless told otherwise)."""
-    from ikd_sweep.tracking import ui_command
-
     uri = _tracking_uri(tracking_uri, None, _home(home))
     cmd = ui_command(uri, host=host, port=port)
     err.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")

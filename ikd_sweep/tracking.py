@@ -14,13 +14,12 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, wait
 from contextlib import nullcontext
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -33,7 +32,7 @@ from mlflow.utils.git_utils import get_git_commit
 
 from ikd_sweep import __version__
 from ikd_sweep.config import SweepConfig, default_home
-from ikd_sweep.trials import Trial, trial_seed
+from ikd_sweep.trials import Trial, flatten
 
 _log = logging.getLogger(__name__)
 
@@ -87,34 +86,13 @@ def _absolute_sqlite_uri(uri: str) -> str:
 
 def home_for(tracking_uri: str) -> Path:
     """The SQLite database's folder, else :func:`default_home` (for a tracking server)."""
-    path = sqlite_path(tracking_uri)
-    return path.parent if path is not None else default_home().resolve()
+    return path.parent if (path := sqlite_path(tracking_uri)) else default_home().resolve()
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
     """``file://<home>/mlartifacts`` for SQLite stores; None for servers (the server decides)."""
     path = sqlite_path(tracking_uri)
     return None if path is None else (path.parent / ARTIFACTS_DIR).resolve().as_uri()
-
-
-def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """argv that serves this store in the MLflow UI. For SQLite the artifact root is explicit:
-    ``mlflow ui`` would resolve ``./mlartifacts`` against its own working directory."""
-    tracking_uri = _absolute_sqlite_uri(tracking_uri)
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri]
-    root = default_artifact_root(tracking_uri)
-    if root is not None:
-        argv += ["--default-artifact-root", root, "--artifacts-destination", root]
-    return [*argv, "--host", host, "--port", str(port)]
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1e-5}}`` -> ``{"train.lr": 1e-5}`` (the param naming of the runs)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
-                    else {f"{prefix}{key}": value})
-    return flat
 
 
 def _param_value(value: Any) -> str:
@@ -127,51 +105,30 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def flat_params(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
-    """The trial's flattened config: what MLflow records as params."""
-    out: dict[str, Any] = {k: v for k, v in trial.to_dict().items() if v is not None}
-    for section in ("data", "teacher", "student", "train", "ikd"):
-        for k, v in getattr(cfg, section).model_dump(mode="json").items():
-            if v is not None and v != {}:
-                out[f"{section}.{k}"] = v
-    out["sweep"] = cfg.name
-    return out
-
-
 def trial_tags(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
     return {TAG.SWEEP: cfg.name, TAG.TASK: trial.task, TAG.METHOD: trial.method,
             TAG.SEED: str(trial.seed), TAG.TRIAL_ID: trial.trial_id, TAG.PHASE: trial.phase}
 
 
-def trial_record(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
-    """The run's trial_config.json."""
-    return {**trial.to_dict(), "sweep": cfg.name, "seed_used": trial_seed(cfg, trial)}
-
-
 class SweepTracker:
     """Records sweeps in MLflow from one process (the Ray driver or ``ikd-sweep train``)."""
 
-    flush_timeout_s: float = 120.0  # how long finish_trial waits for a run's metrics
-
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None, *,
-                 home: str | Path | None = None, flush_timeout_s: float | None = None) -> None:
+                 home: str | Path | None = None, flush_timeout_s: float = 120.0) -> None:
         self.tracking_uri, self.experiment = _absolute_sqlite_uri(tracking_uri), experiment
         self.artifact_root = (artifact_root if artifact_root is not None
                               else default_artifact_root(self.tracking_uri))
         self.home = Path(home).expanduser().resolve() if home else home_for(self.tracking_uri)
-        self.flush_timeout_s = float(flush_timeout_s or self.flush_timeout_s)
+        self.flush_timeout_s = float(flush_timeout_s)  # finish_trial's wait for the metrics
         # A failed batch is reported here (one warning per outage, the lost-metrics file), not
         # by MLflow's queue once per batch.
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(
             logging.CRITICAL)
         sha = get_git_commit(os.getcwd())  # the driver's checkout
         self.tags = {TAG.VERSION: __version__, **({TAG.GIT: sha} if sha else {})}
-        self._client: MlflowClient | None = None
-        self._experiment_id: str | None = None
         # Per run: [future of an async log_batch, its metrics, written-as-lost]; MLflow
         # completes the futures on its own threads, hence the lock.
         self._inflight: dict[str, list[list[Any]]] = {}
-        self._lost: dict[str, int] = {}
         self._lock, self._outage = threading.Lock(), False
 
     def _store_lock(self) -> Any:
@@ -179,38 +136,33 @@ class SweepTracker:
         # that at once (two sweeps started together) break each other; so does creating one
         # experiment twice.
         db = sqlite_path(self.tracking_uri)
-        if db is None:
-            return nullcontext()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(db) + ".lock")
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        return nullcontext() if db is None else FileLock(f"{db}.lock")
 
-    @property
+    @cached_property
     def client(self) -> MlflowClient:
-        if self._client is None:
-            with self._store_lock():
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
+        with self._store_lock():
+            return MlflowClient(tracking_uri=self.tracking_uri)
 
-    @property
+    @cached_property
     def experiment_id(self) -> str:
         """The experiment's id, created if needed (restored if deleted)."""
-        if self._experiment_id is None:
-            client = self.client
-            with self._store_lock():
-                if client.get_experiment_by_name(self.experiment) is None:
-                    location = None if self.artifact_root is None else (
-                        f"{self.artifact_root.rstrip('/')}/{quote(self.experiment, safe='')}")
-                    try:
-                        client.create_experiment(self.experiment, artifact_location=location)
-                    except MlflowException as exc:  # a server: another host was first
-                        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                            raise
-                exp = client.get_experiment_by_name(self.experiment)
-                if exp.lifecycle_stage == "deleted":
-                    _log.warning("Restoring deleted MLflow experiment %r", self.experiment)
-                    client.restore_experiment(exp.experiment_id)
-                self._experiment_id = exp.experiment_id
-        return self._experiment_id
+        client = self.client
+        with self._store_lock():
+            if client.get_experiment_by_name(self.experiment) is None:
+                location = None if self.artifact_root is None else (
+                    f"{self.artifact_root.rstrip('/')}/{quote(self.experiment, safe='')}")
+                try:
+                    client.create_experiment(self.experiment, artifact_location=location)
+                except MlflowException as exc:  # a server: another host was first
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp.lifecycle_stage == "deleted":
+                _log.warning("Restoring deleted MLflow experiment %r", self.experiment)
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
 
     def _search(self, filter_string: str) -> list[Any]:
         runs, token = [], None
@@ -275,10 +227,9 @@ class SweepTracker:
         all_tags[TAG.SWEEP] = client.get_run(parent_run_id).data.tags.get(TAG.SWEEP, "")
         all_tags.update({**{k: str(v) for k, v in tags.items() if v is not None}, **self.tags,
                          TAG.ROLE: ROLE_TRIAL, TAG.TRIAL_ID: trial_id, TAG.PARENT: parent_run_id})
-        existing = [r for r in self._children(parent_run_id)
-                    if r.data.tags.get(TAG.TRIAL_ID) == trial_id]
-        if existing:
-            run = existing[0]
+        run = next((r for r in self._children(parent_run_id)  # the oldest: the canonical one
+                    if r.data.tags.get(TAG.TRIAL_ID) == trial_id), None)
+        if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
             if TAG.ERROR in run.data.tags:  # a retry of a failed trial: the old error is stale
                 client.delete_tag(run.info.run_id, TAG.ERROR)
@@ -287,10 +238,8 @@ class SweepTracker:
         # MLflow forbids changing a logged param: a param logged before keeps its value.
         new = [Param(k, _param_value(v)) for k, v in flat.items()
                if v is not None and k not in run.data.params]
-        tag_list = [RunTag(k, v[:8000]) for k, v in all_tags.items()]
-        for start in range(0, max(len(new), 1), 100):  # MLflow takes 100 params per batch
-            client.log_batch(run.info.run_id, params=new[start : start + 100],
-                             tags=tag_list if start == 0 else [])
+        client.log_batch(run.info.run_id, params=new,  # MLflow splits it into its batch limits
+                         tags=[RunTag(k, v[:8000]) for k, v in all_tags.items()])
         return run.info.run_id
 
     def _children(self, parent_run_id: str) -> list[Any]:
@@ -322,8 +271,9 @@ class SweepTracker:
         if not batch:
             return
         try:
-            ops = self.client.log_batch(run_id, metrics=batch, synchronous=False)
-            future = ops._operation_futures[0]  # RunOperations: one future per call
+            # RunOperations: one future per call (a batch under MLflow's 1000-metric limit)
+            future = self.client.log_batch(run_id, metrics=batch, synchronous=False
+                                           )._operation_futures[0]
         except Exception as exc:  # e.g. the async queue refused the batch
             future = Future()
             future.set_exception(exc)
@@ -353,7 +303,6 @@ class SweepTracker:
             if entry[2]:  # reported at the end of the trial already
                 return
             entry[2] = True
-            self._lost[run_id] = self._lost.get(run_id, 0) + len(entry[1])
             path = self.lost_metrics_path(run_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as out:
@@ -371,23 +320,20 @@ class SweepTracker:
             inflight = self._inflight.pop(run_id, [])
         # (MLflow's set_terminated below also drains its whole async queue, all runs included.)
         _, late = wait([e[0] for e in inflight], timeout=self.flush_timeout_s)
-        for entry in inflight:
-            if entry[0] in late:  # it may still arrive: the file errs on the side of reporting
-                self._write_lost(run_id, entry, "not delivered when the trial ended")
+        for entry in (e for e in inflight if e[0] in late):  # may still arrive: report it anyway
+            self._write_lost(run_id, entry, "not delivered when the trial ended")
         with self._lock:
-            lost = self._lost.pop(run_id, 0)
-        client, steps = self.client, []
+            lost = sum(len(e[1]) for e in inflight if e[2])
         if lost:
             _log.warning("%d metrics of run %s could not be delivered to MLflow; saved to %s",
                          lost, run_id, self.lost_metrics_path(run_id))
-            steps.append(("lost-metrics tag", partial(client.set_tag, run_id, TAG.LOST, str(lost))))
-        for name, value in (("trial_config.json", trial_config),
-                            ("final_metrics.json", final_metrics)):
-            if value is not None:
-                steps.append((name, partial(client.log_dict, run_id, _jsonable(value), name)))
-        if error:  # the end of a traceback: the exception and its message
-            steps.append(("error tag", partial(client.set_tag, run_id, TAG.ERROR, error[-5000:])))
-        steps.append(("status", partial(client.set_terminated, run_id, status=status)))
+        c = self.client  # the error: the end of a traceback (the exception and its message)
+        tags = {TAG.LOST: str(lost) if lost else None, TAG.ERROR: error[-5000:] if error else None}
+        steps = [(f"tag {k}", partial(c.set_tag, run_id, k, v)) for k, v in tags.items() if v]
+        steps += [(n, partial(c.log_dict, run_id, _jsonable(v), n)) for n, v in
+                  (("trial_config.json", trial_config), ("final_metrics.json", final_metrics))
+                  if v is not None]
+        steps.append(("status", partial(c.set_terminated, run_id, status=status)))
         failed = []
         for name, fn in steps:
             try:

@@ -165,3 +165,28 @@ def pick_trial(cfg: SweepConfig, task: str, method: str, seed: int | None = None
     chosen = {h: setting.get(h) if setting.get(h) is not None else getattr(cfg.search, h)[0]
               for h in METHOD_HPARAMS[method]}
     return _method_trial(task, method, cfg.search.seeds[0] if seed is None else seed, chosen)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-5}}`` -> ``{"train.lr": 1e-5}`` (the param naming of the runs)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+                    else {f"{prefix}{key}": value})
+    return flat
+
+
+def flat_params(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
+    """The trial's flattened config: what its MLflow run records as params."""
+    out: dict[str, Any] = {k: v for k, v in trial.to_dict().items() if v is not None}
+    for section in ("data", "teacher", "student", "train", "ikd"):
+        for k, v in getattr(cfg, section).model_dump(mode="json").items():
+            if v is not None and v != {}:
+                out[f"{section}.{k}"] = v
+    out["sweep"] = cfg.name
+    return out
+
+
+def trial_record(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
+    """What a trial's run records as ``trial_config.json``."""
+    return {**trial.to_dict(), "sweep": cfg.name, "seed_used": trial_seed(cfg, trial)}

@@ -33,7 +33,14 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ikd_sweep.config import SweepConfig
-from ikd_sweep.trials import Trial, confirm_trials, expand_trials, trial_seed
+from ikd_sweep.trials import (
+    Trial,
+    confirm_trials,
+    expand_trials,
+    flat_params,
+    trial_record,
+    trial_seed,
+)
 
 if TYPE_CHECKING:  # Ray workers never import MLflow: only the driver records
     from ikd_sweep.tracking import SweepTracker
@@ -118,7 +125,7 @@ class TrackingCallback(tune.Callback):
         self.errors: dict[str, str] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from ikd_sweep.tracking import flat_params, trial_tags
+        from ikd_sweep.tracking import trial_tags
 
         tid = trial.config["trial_id"]
         if tid not in self.done:
@@ -143,8 +150,6 @@ class TrackingCallback(tune.Callback):
         self.tracker.log_metrics(run_id, rep["metrics"], rep["step"], rep["time_ms"])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from ikd_sweep.tracking import trial_record
-
         # Without a final result the trial was stopped (scheduler or Ctrl-C): run_sweep decides.
         tid = trial.config["trial_id"]
         if tid in self.runs and tid in self.final:
@@ -152,8 +157,6 @@ class TrackingCallback(tune.Callback):
                                       trial_config=trial_record(self.sweep, self.trials[tid]))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from ikd_sweep.tracking import trial_record
-
         tid = trial.config["trial_id"]
         if tid in self.runs:
             self.errors[tid] = self.errors.get(tid) or str(trial.get_error() or "trial failed")
@@ -305,7 +308,7 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
 
 def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Path,
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int) -> None:
-    from ikd_sweep.tracking import flat_params, trial_record, trial_tags
+    from ikd_sweep.tracking import trial_tags
 
     res = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
     prep = ray.remote(_prepare_teacher).options(num_cpus=res["CPU"], num_gpus=res["GPU"],
@@ -348,8 +351,6 @@ def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Pat
 def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
                splits: dict | None, asha: bool) -> None:
-    from ikd_sweep.tracking import trial_record
-
     by_id = {t.trial_id: t for t in trials}
     done = frozenset(r["trial_id"] for r in tracker.child_runs(parent)
                      if r["status"] == "FINISHED" and r["trial_id"] in by_id)

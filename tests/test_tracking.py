@@ -15,12 +15,12 @@ import pytest
 from helpers import migrated_store
 from mlflow import MlflowClient
 
+from ikd_sweep.cli import ui_command
 from ikd_sweep.tracking import (
     SweepTracker,
     default_home,
     resolve_tracking_uri,
     sqlite_path,
-    ui_command,
 )
 
 REPO = Path(__file__).resolve().parents[1]
