@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -46,7 +47,12 @@ def _label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, ax: Axes, path: Path, xlabel: str, ylabel: str, title: str,
+          legend_title: str | None = None) -> Path:
+    """Label the plot, add the grid and legend, and write the PNG."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title=legend_title, title_fontsize=8)
     FigureCanvasAgg(fig)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
@@ -106,12 +112,10 @@ def _sensitivity(
     if param == "teacher_lr" and all((s[param] > 0).all() for s in series.values()):
         ax.set_xscale("log")
     held = [h for h in HPARAMS if h != param]
-    ax.set_xlabel(LABELS.get(param, param))
-    ax.set_ylabel("dev score, search seeds" + (" (×100)" if scale == 100 else ""))
-    ax.set_title(f"{task}: dev score vs {LABELS.get(param, param)}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title=f"other hparams ({', '.join(held)}) at best", title_fontsize=8)
-    return _save(fig, path)
+    name = LABELS.get(param, param)
+    ylabel = "dev score, search seeds" + (" (×100)" if scale == 100 else "")
+    return _save(fig, ax, path, name, ylabel, f"{task}: dev score vs {name}",
+                 f"other hparams ({', '.join(held)}) at best")
 
 
 def _selected_run_ids(report: Report, task: str, method: str) -> list[str]:
@@ -144,12 +148,9 @@ def _budget(report: Report, task: str, path: Path) -> Path | None:
         ax.axvline(int(budget.max()), color="#555", ls=":", lw=1, label="same budget")
     if curves["n_settings"].max() > 12:
         ax.set_xscale("log")
-    ax.set_xlabel("settings tried (n, drawn without replacement)")
-    ax.set_ylabel("expected dev score" + (" (×100)" if scale == 100 else ""))
-    ax.set_title(f"{task}: expected dev score of the val-selected setting")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(fig, ax, path, "settings tried (n, drawn without replacement)",
+                 "expected dev score" + (" (×100)" if scale == 100 else ""),
+                 f"{task}: expected dev score of the val-selected setting")
 
 
 def _curves(
@@ -191,12 +192,8 @@ def _curves(
             labelled = drawn = True
     if not drawn:
         return None
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel + (" (×100)" if scale == 100 else ""))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(fig, ax, path, "optimizer step",
+                 ylabel + (" (×100)" if scale == 100 else ""), title)
 
 
 def make_plots(

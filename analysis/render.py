@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -33,9 +33,8 @@ def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
-def diff_label(a: str, b: str, style: str = "text") -> str:
-    minus = "$-$" if style == "latex" else "−"
-    return f"{method_label(a)} {minus} {SHORT_LABELS.get(b, method_label(b))}"
+def diff_label(a: str, b: str) -> str:
+    return f"{method_label(a)} − {SHORT_LABELS.get(b, method_label(b))}"
 
 
 def report_scale(report: Report) -> float:
@@ -47,21 +46,16 @@ def _num(value: float, scale: float, digits: int = 2) -> str:
     return "–" if value is None or pd.isna(value) else f"{float(value) * scale:.{digits}f}"
 
 
-def _signed(value: float, scale: float, style: str = "text") -> str:
+def _signed(value: float, scale: float) -> str:
     if value is None or pd.isna(value):
-        return "--" if style == "latex" else "–"
-    sign = "+" if value >= 0 else ("$-$" if style == "latex" else "−")
-    return f"{sign}{abs(float(value)) * scale:.2f}"
+        return "–"
+    return f"{'+' if value >= 0 else '−'}{abs(float(value)) * scale:.2f}"
 
 
 def _p(p: float) -> str:
     if p is None or pd.isna(p):
         return "n/a"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _pval(p: float) -> str:
-    return "p=n/a" if p is None or pd.isna(p) else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
 
 
 def _hp(value: float) -> str:
@@ -78,47 +72,46 @@ def _mixed_sources(report: Report) -> bool:
     return report.selected["source"].nunique() > 1 if not report.selected.empty else False
 
 
-def _cell(row: pd.Series, scale: float, style: str, mark_search: bool) -> str:
+def _cell(row: pd.Series, scale: float, mark_search: bool) -> str:
     if int(row["n"]) == 0:
-        return "--" if style == "latex" else "–"
-    pm = " $\\pm$ " if style == "latex" else " ± "
-    mark = ("$^\\dagger$" if style == "latex" else INCOMPLETE_MARK) if row["incomplete"] else ""
+        return "–"
+    mark = INCOMPLETE_MARK if row["incomplete"] else ""
     if mark_search and row["source"] == "search":
-        mark += "$^\\S$" if style == "latex" else SEARCH_MARK
-    std = "" if pd.isna(row["std"]) else f"{pm}{_num(row['std'], scale)}"
+        mark += SEARCH_MARK
+    std = "" if pd.isna(row["std"]) else f" ± {_num(row['std'], scale)}"
     return f"{_num(row['mean'], scale)}{std} ({int(row['n'])}){mark}"
 
 
-def _ci(row: pd.Series, scale: float, style: str = "text") -> str:
+def _ci(row: pd.Series, scale: float) -> str:
     if pd.isna(row["ci_low"]) or pd.isna(row["ci_high"]):
         return ""
-    return f" [{_signed(row['ci_low'], scale, style)}, {_signed(row['ci_high'], scale, style)}]"
+    return f" [{_signed(row['ci_low'], scale)}, {_signed(row['ci_high'], scale)}]"
 
 
-def _diff_cell(row: pd.Series | None, scale: float, style: str) -> str:
-    if row is None:
-        return "--" if style == "latex" else "–"
-    return _signed(row["diff"], scale, style) + _ci(row, scale, style)
+def _diff_cell(row: pd.Series | None, scale: float) -> str:
+    return "–" if row is None else _signed(row["diff"], scale) + _ci(row, scale)
 
 
-def _p_cell(row: pd.Series | None, style: str) -> str:
+def _p_cell(row: pd.Series | None) -> str:
     if row is None or row["task"] == AVG or pd.isna(row["p_value"]):
-        return "--" if style == "latex" else "–"
-    text = f"{_p(row['p_value'])} ({_p(row['p_holm'])})"
-    return text.replace("<", "$<$") if style == "latex" else text
+        return "–"
+    return f"{_p(row['p_value'])} ({_p(row['p_holm'])})"
 
 
-def main_table(report: Report, style: str = "text") -> pd.DataFrame:
+def _rows(frame: pd.DataFrame, row: Callable[[pd.Series], dict[str, object]]) -> pd.DataFrame:
+    """A display table with one row per row of ``frame``."""
+    return pd.DataFrame([row(r) for _, r in frame.iterrows()])
+
+
+def main_table(report: Report) -> pd.DataFrame:
     """Rows: tasks and Avg; columns: each method's ``mean ± std (n)``, IKD − KD with its 95 %
-    bootstrap CI, and the paired test's p with Holm's p beside it. ``style``: text or latex."""
+    bootstrap CI, and the paired test's p with Holm's p beside it."""
     scale = report_scale(report)
     sel = report.selected.set_index(["task", "method"]) if report.has_results else None
     comp = report.comparisons
     a, b = MAIN_DIFF
     with_diff = a in report.methods and b in report.methods
-    none = "--" if style == "latex" else "–"
     mixed = _mixed_sources(report)
-    ci_head = "[95\\% CI]" if style == "latex" else "[95% CI]"
     rows = []
     for task in [*report.tasks, AVG]:
         if task == AVG and not report.avg_tasks:
@@ -127,65 +120,58 @@ def main_table(report: Report, style: str = "text") -> pd.DataFrame:
         for method in report.methods:
             if task == AVG:
                 avg = report.average[report.average["method"].eq(method)]
-                row[method_label(method)] = _num(avg["mean"].iloc[0], scale) if len(avg) else none
+                row[method_label(method)] = _num(avg["mean"].iloc[0], scale) if len(avg) else "–"
             elif sel is not None and (task, method) in sel.index:
-                row[method_label(method)] = _cell(sel.loc[(task, method)], scale, style, mixed)
+                row[method_label(method)] = _cell(sel.loc[(task, method)], scale, mixed)
             else:
-                row[method_label(method)] = none
+                row[method_label(method)] = "–"
         if with_diff:
             hit = comp[comp["task"].eq(task) & comp["a"].eq(a) & comp["b"].eq(b)]
             pick = hit.iloc[0] if len(hit) else None
-            row[f"{diff_label(a, b, style)} {ci_head}"] = _diff_cell(pick, scale, style)
-            row["p (Holm)"] = _p_cell(pick, style)
+            row[f"{diff_label(a, b)} [95% CI]"] = _diff_cell(pick, scale)
+            row["p (Holm)"] = _p_cell(pick)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def comparisons_table(report: Report) -> pd.DataFrame:
     scale = report_scale(report)
-    rows = []
-    for _, r in report.comparisons.iterrows():
-        rows.append(
-            {
-                "Task": r["task"],
-                "Comparison": diff_label(r["a"], r["b"]),
-                "Mean a": _num(r["mean_a"], scale),
-                "Mean b": _num(r["mean_b"], scale),
-                "Paired difference": _signed(r["diff"], scale),
-                "95% CI": _ci(r, scale).strip() or "–",
-                "Shared seeds": int(r["n_pairs"]),
-                "t": "–" if pd.isna(r["t"]) else f"{r['t']:.2f}".replace("-", "−"),
-                "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.4f}",
-                "p (Holm)": "–" if pd.isna(r["p_holm"]) else f"{r['p_holm']:.4f}",
-                "Settings a / b": f"{int(r['n_settings_a'])} / {int(r['n_settings_b'])}",
-            }
-        )
-    return pd.DataFrame(rows)
+    return _rows(report.comparisons, lambda r: {
+        "Task": r["task"],
+        "Comparison": diff_label(r["a"], r["b"]),
+        "Mean a": _num(r["mean_a"], scale),
+        "Mean b": _num(r["mean_b"], scale),
+        "Paired difference": _signed(r["diff"], scale),
+        "95% CI": _ci(r, scale).strip() or "–",
+        "Shared seeds": int(r["n_pairs"]),
+        "t": "–" if pd.isna(r["t"]) else f"{r['t']:.2f}".replace("-", "−"),
+        "p": "–" if pd.isna(r["p_value"]) else f"{r['p_value']:.4f}",
+        "p (Holm)": "–" if pd.isna(r["p_holm"]) else f"{r['p_holm']:.4f}",
+        "Settings a / b": f"{int(r['n_settings_a'])} / {int(r['n_settings_b'])}",
+    })
+
+
+def _seeds_text(r: pd.Series) -> str:
+    exp = "?" if pd.isna(r["n_expected"]) else str(int(r["n_expected"]))
+    return f"{int(r['n'])}/{exp}" + (f" {INCOMPLETE_MARK}" if r["incomplete"] else "")
 
 
 def selected_table(report: Report) -> pd.DataFrame:
     scale = report_scale(report)
-    rows = []
-    for _, r in report.selected.iterrows():
-        exp = "?" if pd.isna(r["n_expected"]) else str(int(r["n_expected"]))
-        rows.append(
-            {
-                "Task": r["task"],
-                "Method": method_label(r["method"]),
-                "Selected setting (on val)": setting_text(r),
-                "Val score": _num(r["val_score"], scale),
-                "Reported on": "confirmation seeds" if r["source"] == "confirm" else "search seeds",
-                "Dev mean": _num(r["mean"], scale),
-                "Std": _num(r["std"], scale),
-                "Seeds (finished/expected)": f"{int(r['n'])}/{exp}"
-                + (f" {INCOMPLETE_MARK}" if r["incomplete"] else ""),
-                "Settings tried": int(r["n_settings"]),
-            }
-        )
-    return pd.DataFrame(rows)
+    return _rows(report.selected, lambda r: {
+        "Task": r["task"],
+        "Method": method_label(r["method"]),
+        "Selected setting (on val)": setting_text(r),
+        "Val score": _num(r["val_score"], scale),
+        "Reported on": "confirmation seeds" if r["source"] == "confirm" else "search seeds",
+        "Dev mean": _num(r["mean"], scale),
+        "Std": _num(r["std"], scale),
+        "Seeds (finished/expected)": _seeds_text(r),
+        "Settings tried": int(r["n_settings"]),
+    })
 
 
-def budget_display(report: Report, style: str = "text") -> pd.DataFrame:
+def budget_display(report: Report) -> pd.DataFrame:
     """Expected dev score of the val-chosen setting at the same budget per task (n settings
     drawn at random from those each method tried), with IKD − KD at that budget."""
     at = report.budget_at
@@ -208,10 +194,10 @@ def budget_display(report: Report, style: str = "text") -> pd.DataFrame:
                 used += "" if task == AVG else f"{int(mine.at[m, 'n_settings'])})"
                 row[method_label(m)] = _num(mine.at[m, "expected_dev"], scale) + used
             else:
-                row[method_label(m)] = "--" if style == "latex" else "–"
+                row[method_label(m)] = "–"
         if a in mine.index and b in mine.index:
-            row[diff_label(a, b, style)] = _signed(
-                mine.at[a, "expected_dev"] - mine.at[b, "expected_dev"], scale, style
+            row[diff_label(a, b)] = _signed(
+                mine.at[a, "expected_dev"] - mine.at[b, "expected_dev"], scale
             )
         rows.append(row)
     return pd.DataFrame(rows)
@@ -219,22 +205,13 @@ def budget_display(report: Report, style: str = "text") -> pd.DataFrame:
 
 def best_runs_table(report: Report) -> pd.DataFrame:
     scale = report_scale(report)
-    rows = []
-    for _, r in report.best_runs.iterrows():
-        rows.append(
-            {
-                "Task": r["task"],
-                "Method": method_label(r["method"]),
-                "Trial": r["trial_id"],
-                "Seed": "" if pd.isna(r["seed"]) else int(r["seed"]),
-                "Setting": setting_text(r),
-                "Val": _num(r["sel_val_main"], scale),
-                "Dev": _num(r["sel_dev_main"], scale),
-                "Final dev": _num(r["final_dev_main"], scale),
-                "Max dev (diagnostic)": _num(r["best_dev_main"], scale),
-            }
-        )
-    return pd.DataFrame(rows)
+    scores = {"Val": "sel_val_main", "Dev": "sel_dev_main", "Final dev": "final_dev_main",
+              "Max dev (diagnostic)": "best_dev_main"}
+    return _rows(report.best_runs, lambda r: {
+        "Task": r["task"], "Method": method_label(r["method"]), "Trial": r["trial_id"],
+        "Seed": "" if pd.isna(r["seed"]) else int(r["seed"]), "Setting": setting_text(r),
+        **{name: _num(r[column], scale) for name, column in scores.items()},
+    })
 
 
 def _pct(value: float) -> str:
@@ -277,17 +254,11 @@ def status_method_display(report: Report) -> pd.DataFrame:
 
 
 def md_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (no dependency on ``tabulate``)."""
+    """A GitHub-flavoured Markdown table. The cells are display text already: tabulate must
+    not parse "81.00" as a number and print it as 81."""
     if frame.empty:
         return "_(none)_"
-
-    def esc(value: object) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    head = "| " + " | ".join(esc(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(esc(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
+    return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True)
 
 
 def _settings_counts(report: Report) -> dict[str, str]:
@@ -448,102 +419,63 @@ def to_csv(report: Report, out_dir: Path, runs: pd.DataFrame | None = None) -> l
 # LaTeX
 # ------------------------------------------------------------------------------------------
 
-_LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-    "±": r"$\pm$",
-    "−": r"$-$",
-    "–": r"--",
-    INCOMPLETE_MARK: r"$^\dagger$",
-}
+def _latex_tabular(frame: pd.DataFrame, caption: str, label: str) -> str:
+    """One booktabs ``table``: pandas escapes the cells and headers (a task named ``a_b``
+    prints as such); ±, −, –, † and § stay UTF-8, which LaTeX reads natively since 2018."""
+    styler = (frame.style.hide(axis="index").format(escape="latex", na_rep="–")
+              .format_index(escape="latex", axis="columns")
+              .set_table_styles([{"selector": "small", "props": ":;"}], overwrite=False))
+    tex = styler.to_latex(hrules=True, column_format="l" + "r" * (len(frame.columns) - 1),
+                          environment="table", position="t", position_float="centering",
+                          caption=caption, label=label)
+    last = str(frame.iloc[-1, 0])
+    if len(frame) > 1 and last in (AVG, "Total"):  # a rule above the summary row
+        head, _, tail = tex.rpartition(f"\n{_latex_text(last)} & ")
+        tex = f"{head}\n\\midrule\n{_latex_text(last)} & {tail}"
+    return tex
 
 
-def latex_escape(text: object) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-
-
-def _latex_tabular(
-    frame: pd.DataFrame, raw_columns: Sequence[str] = (), raw_headers: Sequence[str] = ()
-) -> list[str]:
-    """booktabs tabular; cells of ``raw_columns`` and headers in ``raw_headers`` are already
-    LaTeX, the rest is escaped."""
-    align = "l" + "r" * (len(frame.columns) - 1)
-    lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule"]
-    header = [c if c in raw_headers else latex_escape(c) for c in frame.columns]
-    lines.append(" & ".join(header) + r" \\")
-    lines.append("\\midrule")
-    for i, row in enumerate(frame.itertuples(index=False)):
-        if i == len(frame) - 1 and str(row[0]) in (AVG, "Total") and len(frame) > 1:
-            lines.append("\\midrule")
-        cells = [
-            str(v) if c in raw_columns else latex_escape(v)
-            for c, v in zip(frame.columns, row, strict=True)
-        ]
-        lines.append(" & ".join(cells) + r" \\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return lines
-
-
-def _latex_table(lines: list[str], caption: str, label: str) -> list[str]:
-    head = ["\\begin{table}[t]", "\\centering", "\\small"]
-    return head + lines + [f"\\caption{{{caption}}}", f"\\label{{{label}}}", "\\end{table}", ""]
+def _latex_text(text: str) -> str:
+    """``text`` escaped for LaTeX by pandas, the same way as the table cells."""
+    return (pd.DataFrame([[text]]).style.hide(axis="index").hide(axis="columns")
+            .format(escape="latex").to_string(delimiter="").strip())
 
 
 def to_latex(report: Report) -> str:
     """booktabs tables (main, budget-fair, best run, status) ready for ``\\input``; needs
     ``booktabs``."""
     scale = report_scale(report)
-    main = main_table(report, style="latex")
-    # Method cells and the difference columns are built as LaTeX already.
-    raw = [c for c in main.columns if c != "Task"]
-    diff_head = [c for c in main.columns if "$-$" in c]
     sources = set(report.selected["source"]) if report.has_results else set()
     seeds = "confirmation seeds" if sources == {"confirm"} else "seeds"
     caption = (
-        f"Dev results of sweep {latex_escape(report.sweep)}"
+        f"Dev results of sweep {_latex_text(report.sweep)}"
         + (" ($\\times$100)" if scale == 100 else "")
         + f": mean $\\pm$ std (n {seeds}) of the setting selected on the validation split"
         + (
-            "; $^\\dagger$ fewer seeds than expected"
+            f"; {INCOMPLETE_MARK} fewer seeds than expected"
             if report.has_results and report.selected["incomplete"].any()
             else ""
         )
-        + ("; $^\\S$ search seeds" if len(sources) > 1 else "")
+        + (f"; {SEARCH_MARK} search seeds" if len(sources) > 1 else "")
         + "; difference: mean paired difference with a bootstrap 95\\% CI; p: paired t-test "
         "(Holm across tasks)"
-        + (f"; {AVG} over {latex_escape(', '.join(report.avg_tasks))}" if report.avg_tasks else "")
+        + (f"; {AVG} over {_latex_text(', '.join(report.avg_tasks))}" if report.avg_tasks else "")
         + "."
     )
-    lines = ["% Generated by ikd-sweep report. Requires \\usepackage{booktabs}.", ""]
-    lines += _latex_table(
-        _latex_tabular(main, raw_columns=raw, raw_headers=diff_head), caption, "tab:ikd-main"
-    )
-    budget = budget_display(report, style="latex")
-    if not budget.empty:
-        diff_b = [c for c in budget.columns if "$-$" in c]
-        lines += _latex_table(
-            _latex_tabular(budget, raw_columns=diff_b, raw_headers=diff_b),
-            "Budget-fair view: expected dev score of the val-selected setting among n settings "
-            "drawn without replacement (Dodge et al., 2019).",
-            "tab:ikd-budget",
-        )
+    parts = ["% Generated by ikd-sweep report. Requires \\usepackage{booktabs}; UTF-8.\n"]
+    parts.append(_latex_tabular(main_table(report), caption, "tab:ikd-main"))
     for title, frame, label in (
+        ("Budget-fair view: expected dev score of the val-selected setting among n settings "
+         "drawn without replacement (Dodge et al., 2019)", budget_display(report),
+         "tab:ikd-budget"),
         ("Best single run per task and method (chosen on val)", best_runs_table(report),
          "tab:ikd-best"),
         ("Trial status", status_display(report), "tab:ikd-status"),
         ("Trial status per method", status_method_display(report), "tab:ikd-status-method"),
     ):
         if not frame.empty:
-            lines += _latex_table(_latex_tabular(frame), f"{title}.", label)
-    return "\n".join(lines)
+            parts.append(_latex_tabular(frame, f"{title}.", label))
+    return "\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------------

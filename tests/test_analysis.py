@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import time
 from itertools import combinations
 from pathlib import Path
@@ -56,6 +57,11 @@ CONFIRMED = {
     ("sst2", "ikd", 1.0): [0.86, 0.89],
 }
 STEPS = (100, 200, 300)
+
+
+def _markdown(report) -> str:
+    """The report's Markdown with tabulate's column padding collapsed (one space each side)."""
+    return re.sub(r" {2,}", " ", render.to_markdown(report))
 
 
 def trial_dict(
@@ -309,7 +315,7 @@ def test_best_single_run_by_val(glue_report) -> None:
 
 def test_renderers(glue_report, tmp_path: Path) -> None:
     data, report = glue_report
-    md = render.to_markdown(report)
+    md = _markdown(report)
     assert "| Task | Fine-tune | KD | IKD | IKD − KD [95% CI] | p (Holm) |" in md
     assert (
         "| sst2 | 81.00 ± 1.41 (2) | 83.50 ± 0.71 (2) | 87.50 ± 2.12 (2) | +4.00 [+2.00, +6.00] "
@@ -339,7 +345,8 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     for rule in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}"):
         assert rule in tex
     assert "glue\\_demo" in tex and "glue_demo" not in tex.replace("glue\\_demo", "")
-    assert "87.50 $\\pm$ 2.12 (2)" in tex and "IKD $-$ KD [95\\% CI]" in tex
+    assert "87.50 ± 2.12 (2)" in tex and "IKD − KD [95\\% CI]" in tex
+    assert "\\midrule\nAvg & " in tex  # a rule above the summary row
     assert "tab:ikd-budget" in tex
 
     plots = make_plots(report, data.runs, tmp_path / "plots", history=data.history)
@@ -362,7 +369,7 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
 def test_make_report_writes_all_formats(glue_store, tmp_path: Path) -> None:
     uri, _ = glue_store
     text, files = make_report("glue_demo", uri, formats=["all"], out=tmp_path / "rep")
-    assert "| Task | Fine-tune | KD | IKD |" in text
+    assert "| Task | Fine-tune | KD | IKD |" in re.sub(r" {2,}", " ", text)
     names = {p.relative_to(tmp_path / "rep").as_posix() for p in files}
     assert {"report.md", "report.tex", "report.html", "selected.csv", "status.csv"} <= names
     assert {"budget.csv", "budget_at.csv", "scores.csv", "status_by_method.csv"} <= names
@@ -481,12 +488,12 @@ def test_failed_seeds_count_against_their_setting(messy_store: str, tmp_path: Pa
         stats.ttest_rel([0.45, 0.47], [0.40, 0.43]).pvalue
     )
 
-    md = render.to_markdown(report)
+    md = _markdown(report)
     assert "| cola | 41.50 ± 2.12 (2)† | 46.00 ± 1.41 (2)† | 50.00 (1)† | +5.00 | – |" in md
     assert "No confirmation runs" in md and "§" not in md
     status_md = md.split("### Trial status")[1]
     assert "| cola | KD | 6 | 3 | 1 | 1 | 1 | 0 | 20% | 20% |" in status_md
-    assert "| Total |  | 12 | 6 | 1 | 1 | 1 | 3 | 12% | 12% |" in status_md
+    assert "| Total | | 12 | 6 | 1 | 1 | 1 | 3 | 12% | 12% |" in status_md
     assert "| KD | 6 | 3 | 1 | 1 | 1 | 0 | 20% | 20% |" in status_md  # per method
     # Plots with a single temperature point or missing data are skipped, never crash.
     plots = make_plots(report, data.runs, tmp_path, history=data.history)
@@ -542,9 +549,31 @@ def test_tables_without_expected_or_columns() -> None:
     assert row["mean"] == pytest.approx(0.6) and not row["incomplete"]
     assert pd.isna(row["n_expected"]) and row["source"] == "search"
     assert report.avg_tasks == ["sst2"]
-    assert "60.00 ± 14.14 (2)" in render.to_markdown(report)
+    assert "60.00 ± 14.14 (2)" in _markdown(report)
     with pytest.raises(ValueError, match="column 'phase' has \\['later'\\]; valid values: search"):
         build_report(runs.assign(phase="later"), None)
+
+
+def test_latex_escapes_names() -> None:
+    # A task and a sweep named with LaTeX's special characters must print as typed.
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "trial_id": ["t1", "t2"],
+            "task": ["my_task&co", "my_task&co"],
+            "method": ["kd", "kd"],
+            "seed": [1, 2],
+            "status": ["FINISHED", "FINISHED"],
+            "sel_val_main": [0.55, 0.75],
+            "sel_dev_main": [0.5, 0.7],
+        }
+    )
+    tex = render.to_latex(build_report(runs, None, "50%_sweep#1"))
+    assert "my\\_task\\&co & 60.00 ± 14.14 (2) \\\\" in tex
+    assert "sweep 50\\%\\_sweep\\#1" in tex
+    assert "my_task" not in tex and "50%" not in tex and "sweep#1" not in tex
+    # main, budget-fair, best run, status, status per method
+    assert tex.count("\\begin{table}") == tex.count("\\bottomrule") == 5
 
 
 def _frame(rows: list[tuple]) -> pd.DataFrame:
@@ -594,7 +623,7 @@ def test_control_confirmation_and_selection_api() -> None:
     comp = report.comparisons[report.comparisons["task"].eq("rte")].set_index("comparison")
     assert comp.loc["ikd-ikd-control", "n_pairs"] == 0  # confirm seeds vs search seeds
     assert "ikd-kd" in comp.index and "kd-finetune" not in comp.index  # no finetune runs
-    md = render.to_markdown(report)
+    md = _markdown(report)
     assert "IKD control (teacher_lr=0)" in md and "a control, selected separately" in md
     assert "IKD was given more settings than KD" in md
 
