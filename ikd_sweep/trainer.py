@@ -42,7 +42,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import Split, TaskData, batch_order, collate, iterate
-from ikd_sweep.distill.exam import ExamResult, exam_hypergradient, seeded
+from ikd_sweep.distill.exam import ExamResult, exam_hypergradient, global_norm, seeded
 from ikd_sweep.distill.losses import course_loss, task_loss
 from ikd_sweep.files import atomic_path
 from ikd_sweep.models import autocast, model_inputs
@@ -181,11 +181,6 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm in float32, on the tensors' device (no host sync)."""
-    return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).norm()
-
-
 def _snapshot(params: list[torch.Tensor], buf: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """A copy of `params` in `buf` (allocated on first use and reused: no per-step allocation)."""
     if buf is None:
@@ -197,7 +192,7 @@ def _snapshot(params: list[torch.Tensor], buf: list[torch.Tensor] | None) -> lis
 def _moved(params: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
     """||params - before||, computed in `before`'s storage (a scratch copy, overwritten)."""
     torch._foreach_sub_(before, [p.detach() for p in params])
-    return _norm(before)
+    return global_norm(before)
 
 
 class TrainStep:
@@ -334,7 +329,7 @@ class TrainStep:
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Unit-norm hypergradient (+ weight x unit-norm gold CE gradient); the raw norm."""
         grads = [res.grads[n] for n, _ in self.t_params]  # ours to scale in place
-        h_norm = _norm(grads)
+        h_norm = global_norm(grads)
         # A zero hypergradient (v = 0, or lr_t = 0 in adam's warmup) stays zero.
         torch._foreach_mul_(grads, torch.where(h_norm > 0, 1 / h_norm.clamp_min(1e-30), 0.0))
         if self.s.teacher_ce_weight > 0:
@@ -342,7 +337,7 @@ class TrainStep:
             c = torch.autograd.grad(gold, [p for _, p in self.t_params], allow_unused=True)
             c = [torch.zeros_like(p) if ci is None else ci
                  for ci, (_, p) in zip(c, self.t_params, strict=True)]
-            w = self.s.teacher_ce_weight / _norm(c).clamp_min(1e-30)
+            w = self.s.teacher_ce_weight / global_norm(c).clamp_min(1e-30)
             torch._foreach_add_(grads, torch._foreach_mul(c, w))
         return grads, h_norm
 

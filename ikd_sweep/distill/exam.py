@@ -77,7 +77,7 @@ class AdamLookahead:
         """(shift, P) for the student tensors `params` whose course gradient is `g`."""
         coef = 1.0
         if self.max_grad_norm:  # as torch.nn.utils.clip_grad_norm_
-            norm = _norm([gi.detach() for gi in g]).item()
+            norm = global_norm([gi.detach() for gi in g]).item()
             coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
         shifts, precs = [], []
         with torch.no_grad():
@@ -172,11 +172,12 @@ def _each(op, first: list[Tensor], *rest, **kw) -> list[Tensor]:
     return list(op(first, *rest, **kw)) if first else []
 
 
-def _norm(xs: list[Tensor]) -> Tensor:
-    """Global L2 norm (float64 scalar) from per-tensor norms: no float64 copies of the inputs."""
+def global_norm(xs: list[Tensor]) -> Tensor:
+    """Global L2 norm (float64 scalar, on the inputs' device) from per-tensor norms: no host
+    sync and no float64 copies of the inputs."""
     if not xs:
         return torch.zeros((), dtype=torch.float64)
-    return torch.stack([n.double() for n in torch._foreach_norm(xs)]).norm()
+    return torch.stack([n.double() for n in torch._foreach_norm([x.detach() for x in xs])]).norm()
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -283,7 +284,7 @@ def exam_hypergradient(
             u, scale = (v, lookahead_lr) if sgd else (_each(torch._foreach_mul, prec, v), 1.0)
             if estimator == "first_order":
                 grads = _first_order(t_out[0], g, u, scale, temperature, t_params, keep)
-            elif (unorm := scale * _norm(u).item()) == 0:
+            elif (unorm := scale * global_norm(u).item()) == 0:
                 grads = [torch.zeros_like(p) for p in t_params]
             else:
                 eps = fd_epsilon / unorm  # theta_s +/- eps * P * v moves fd_epsilon
@@ -295,7 +296,7 @@ def exam_hypergradient(
                 diff = l_course(s_pm[0], t_out) - l_course(s_pm[1], t_out)
                 grads = _grad(diff * (-1 / (2 * eps)), t_params, retain_graph=keep)
         with torch.no_grad():
-            step_norm = _norm(step)
+            step_norm = global_norm(step)
     return ExamResult(
         grads={n: gr.detach() for (n, _), gr in zip(t_named, grads, strict=True)},
         exam_loss=exam_loss.detach(),
