@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 bad input, 3 a sweep that finished with failed trials, 
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -283,11 +284,23 @@ def run(
                if cfg.search.confirm_seeds else "")
     err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root}; tracking {uri}")
     t0 = time.time()
+    from ikd_sweep.files import SweepBusy
+    from ikd_sweep.tune import ResourceError
+
     try:
         out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: re-run the same command to resume")
         raise typer.Exit(130) from None
+    except (SweepBusy, ResourceError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        err.print(f"[red]error:[/red] no space left on device ({e.filename or root}); free "
+                  "space and re-run the same command to resume", highlight=False)
+        raise typer.Exit(1) from None
     if out.finished:
         try:
             console.print(_summary(cfg, uri, time.time() - t0))

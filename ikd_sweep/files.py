@@ -49,3 +49,40 @@ def atomic_path(path: Path, *, first_wins: bool = False) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+class SweepBusy(RuntimeError):
+    """Another live process runs this sweep in this working folder."""
+
+
+@contextmanager
+def sweep_lock(home: Path, sweep: str) -> Iterator[Path]:
+    """Hold `<home>/locks/<sweep>.lock` for one `run` of `sweep`, or raise `SweepBusy` at once.
+
+    The OS lock (flock, through filelock) dies with its process, so a killed driver never
+    blocks the next run; the file's text (pid, host, start time) only names the holder."""
+    import json
+    import socket
+    import time
+
+    from filelock import FileLock, Timeout
+
+    path = Path(home) / "locks" / f"{sweep}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            who = json.loads(path.read_text())
+            holder = f"pid {who['pid']} on {who['host']}, since {who['since']}"
+        except (OSError, ValueError, KeyError):  # written a moment after the lock is taken
+            holder = "another process"
+        raise SweepBusy(f"sweep {sweep} is already running in {home} ({holder}); wait for it "
+                        "or stop it") from None
+    try:
+        path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        yield path
+    finally:
+        lock.release()

@@ -9,13 +9,21 @@ twice. This module depends on the trainer (it fine-tunes with `fit`), never the 
 the teacher is fixed, so its logits on train - val (every row a kd course can hold, with or
 without quiz parity) are computed once per cached teacher (`train_logits.pt`) and shared by every
 kd trial (they do not depend on temperature).
+
+Inside a sweep, the first trial that needs a teacher fine-tunes it (`progress` hears of each
+epoch) while the other trials of that seed wait on the lock. A teacher that fails leaves a
+`<key>.failed` marker naming the driver's `attempt`: the other trials of that attempt fail at
+once with the same error instead of training it again; the next run (a new attempt) retries it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
@@ -58,35 +66,95 @@ def _locked(path: Path) -> FileLock:
     return FileLock(path)
 
 
+class TeacherFailed(RuntimeError):
+    """The teacher of this (task, seed) failed earlier in the same sweep run."""
+
+
+class _EpochProgress:
+    """Trainer callback of a teacher's fit: one `progress` call per evaluation (epoch end)."""
+
+    def __init__(self, progress: Callable[[dict[str, Any]], None], task: str, seed: int,
+                 epochs: float, inner: Callback | None) -> None:
+        self.progress, self.inner = progress, inner
+        self.info = {"task": task, "seed": int(seed), "epochs": math.ceil(epochs)}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.inner is not None:
+            self.inner.log(metrics, step)
+
+    def report(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
+        if self.inner is not None:
+            self.inner.report(metrics, step, checkpoint)
+        self.progress({**self.info, "epoch": math.ceil(metrics.get("epoch", 0) - 1e-9),
+                       "dev_main": float(metrics["dev/main"])})
+
+
+def _failure_marker(out: Path) -> Path:
+    return out.with_name(out.name + ".failed")
+
+
 def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
-                   device: str | None = None, callback: Callback | None = None) -> Path:
-    """The folder of the fine-tuned teacher for (task, seed), training it if not cached."""
+                   device: str | None = None, callback: Callback | None = None,
+                   progress: Callable[[dict[str, Any]], None] | None = None,
+                   attempt: str | None = None) -> Path:
+    """The folder of the fine-tuned teacher for (task, seed), training it if not cached.
+
+    `progress` gets `{task, seed, epoch, epochs, dev_main}` after each epoch of a fine-tuning.
+    `attempt` (a sweep run's id): a failure is remembered for this attempt, and raised again
+    as `TeacherFailed` by every later call of the same attempt."""
     out = teacher_dir(cfg, task, seed, home)
     if (out / DONE).exists():
         return out
+    marker = _failure_marker(out)
     with _locked(out.with_name(out.name + ".lock")):
         if (out / DONE).exists():  # trained by another process while we waited
             return out
-        dev = pick_device(device)
-        tokenizer = load_tokenizer(cfg.teacher.model)
-        settings = FitSettings.for_teacher(cfg, seed)
-        data = prepare_data(task, cfg.data, tokenizer, home / "cache" / "data", settings.seed,
-                            method="teacher")
-        seed_everything(settings.seed)
-        model = build_model(cfg.teacher, data.task.num_labels)
-        metrics = fit(settings, data.task, data, model, device=dev, callback=callback,
-                      pad_id=tokenizer.pad_token_id or 0)
-        # The saved (final) model's scores: what every kd/ikd trial of this seed starts from.
-        scores = {f"{name}/{k}": v for name, split in (("val", data.val), ("dev", data.dev))
-                  for k, v in evaluate(model, split, data.task, dev, settings.eval_batch_size,
-                                       tokenizer.pad_token_id or 0).items()}
-        with atomic_path(out) as tmp:  # a crash leaves no half-written teacher behind
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "metrics.json").write_text(json.dumps(
-                {**metrics, **scores, "key": out.name}, indent=1))
-            (tmp / DONE).write_text("")
+        if attempt is not None and marker.exists():
+            try:
+                failed = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                failed = {}
+            if failed.get("attempt") == attempt:
+                raise TeacherFailed(f"teacher of {task} seed {seed} failed in this run: "
+                                    f"{failed.get('error', 'unknown error')}")
+        try:
+            _fine_tune(cfg, task, seed, home, out, device,
+                       callback if progress is None else _EpochProgress(
+                           progress, task, seed, cfg.teacher.epochs, callback))
+        except Exception as e:
+            if attempt is not None:
+                try:
+                    marker.write_text(json.dumps({"attempt": attempt,
+                                                  "error": f"{type(e).__name__}: {e}"}))
+                except OSError:  # e.g. the disk is full: the next trial tries again
+                    pass
+            raise
+        marker.unlink(missing_ok=True)
     return out
+
+
+def _fine_tune(cfg: SweepConfig, task: str, seed: int, home: Path, out: Path,
+               device: str | None, callback: Callback | None) -> None:
+    """Fine-tune the teacher and save it to `out` (the caller holds its lock)."""
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(cfg.teacher.model)
+    settings = FitSettings.for_teacher(cfg, seed)
+    data = prepare_data(task, cfg.data, tokenizer, home / "cache" / "data", settings.seed,
+                        method="teacher")
+    seed_everything(settings.seed)
+    model = build_model(cfg.teacher, data.task.num_labels)
+    metrics = fit(settings, data.task, data, model, device=dev, callback=callback,
+                  pad_id=tokenizer.pad_token_id or 0)
+    # The saved (final) model's scores: what every kd/ikd trial of this seed starts from.
+    scores = {f"{name}/{k}": v for name, split in (("val", data.val), ("dev", data.dev))
+              for k, v in evaluate(model, split, data.task, dev, settings.eval_batch_size,
+                                   tokenizer.pad_token_id or 0).items()}
+    with atomic_path(out) as tmp:  # a crash leaves no half-written teacher behind
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(
+            {**metrics, **scores, "key": out.name}, indent=1))
+        (tmp / DONE).write_text("")
 
 
 def teacher_metrics(path: Path) -> dict[str, float]:

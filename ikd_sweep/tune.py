@@ -9,14 +9,21 @@ A sweep runs in two phases. Search: every trial of the sweep file. Confirmation 
 those seeds; the trials are worked out once, recorded in the parent run's `trials.json`, and
 taken from there on every later run of the command. Each phase runs one Tuner per task (per
 (task, method) under ASHA, so early stops compare trials of one method only), stored under
-`<home>/ray/<sweep>/`; a task's teachers are fine-tuned first (one Ray task per seed). Re-running
-the command restores each Tuner; a trial whose MLflow run is FINISHED is never trained again.
+`<home>/ray/<sweep>/`. A teacher is fine-tuned inside the first trial that needs it (the others
+of its seed wait on the cache's lock), and the grid is ordered so that teachers of different
+seeds and finetune trials run side by side. Re-running the command restores each Tuner (Tune
+state it cannot read is set aside) and restarts errored trials; the MLflow store decides what
+has finished: a trial whose run is FINISHED is never trained again. One `run` per working
+folder and sweep (`<home>/locks/<sweep>.lock`).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -33,13 +40,13 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ikd_sweep.config import SweepConfig
+from ikd_sweep.files import sweep_lock
 from ikd_sweep.trials import (
     Trial,
     confirm_trials,
     expand_trials,
     flat_params,
     trial_record,
-    trial_seed,
 )
 
 if TYPE_CHECKING:  # Ray workers never import MLflow: only the driver records
@@ -82,9 +89,45 @@ class _Reporter:
         _report({"kind": "eval", "step": int(step), "metrics": dict(metrics)}, top, ckpt)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def describe_error(exc: BaseException) -> str:
+    """Plain text, root cause first: the original exception inside Ray's or Tune's wrappers,
+    its message, then the traceback (no terminal colour codes)."""
+    root, seen = exc, set()
+    while id(root) not in seen:  # RayTaskError.cause, TuneError's __cause__
+        seen.add(id(root))
+        inner = getattr(root, "cause", None) or root.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        root = inner
+    if isinstance(root, OSError) and root.errno == errno.ENOSPC:
+        where = f" (writing {root.filename})" if root.filename else ""
+        head = (f"OSError: no space left on device{where}; free space and re-run the same "
+                "command")
+    else:
+        head = f"{type(root).__name__}: {str(root).strip()}"
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8))
+    return _ANSI.sub("", f"{head}\n\n{tb}").strip()
+
+
+def _teacher_first(sweep: SweepConfig, trial: Trial, home: str, attempt: str | None) -> None:
+    """Fine-tune (or wait for) this trial's teacher, reporting each epoch to Tune."""
+    from ikd_sweep import teacher as tc
+
+    def progress(info: dict[str, Any]) -> None:
+        _report({"kind": "teacher", "step": 0, "metrics": info})
+
+    tc.ensure_teacher(sweep, trial.task, trial.seed, Path(home), progress=progress,
+                      attempt=attempt)
+
+
 def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, dict],
-              done: frozenset[str], splits: dict | None = None) -> None:
-    """One Ray Tune trial: run the trainer and report to Tune (the driver records it)."""
+              done: frozenset[str], splits: dict | None = None,
+              attempt: str | None = None) -> None:
+    """One Ray Tune trial: its teacher if not cached yet, the trainer; all reported to Tune
+    (the driver records it). `attempt` identifies the driver's run (teacher failures)."""
     from ikd_sweep.trial import run_trial
 
     if config["trial_id"] in done:  # FINISHED in MLflow already: never train it twice
@@ -95,14 +138,15 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
     try:
+        if trial.method != "finetune":
+            _teacher_first(sweep, trial, home, attempt)
         with (ckpt.as_directory() if ckpt else nullcontext()) as resume_dir:
             final = run_trial(sweep, trial, home=Path(home), callback=reporter,
                               checkpoint_dir=work / "checkpoint",
                               resume_from=Path(resume_dir) if resume_dir else None,
                               splits=splits)
     except Exception as e:
-        _report({"kind": "error", "step": 0,
-                 "error": f"{type(e).__name__}: {e}\n\n{traceback.format_exc(limit=8)}"})
+        _report({"kind": "error", "step": 0, "error": describe_error(e)})
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -137,7 +181,7 @@ class TrackingCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         tid, rep = trial.config["trial_id"], result.get(REPORT) or {}
-        if tid in self.done or rep.get("kind") in (None, "recorded"):
+        if tid in self.done or rep.get("kind") in (None, "recorded", "teacher"):
             return
         if tid not in self.runs:  # its start could not be recorded: try again now
             self.on_trial_start(iteration, trials, trial)
@@ -159,12 +203,27 @@ class TrackingCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.config["trial_id"]
         if tid in self.runs:
-            self.errors[tid] = self.errors.get(tid) or str(trial.get_error() or "trial failed")
+            error = trial.get_error()
+            self.errors[tid] = self.errors.get(tid) or (describe_error(error) if error
+                                                        else "trial failed")
             self.tracker.finish_trial(self.runs[tid], "FAILED", error=self.errors[tid],
                                       trial_config=trial_record(self.sweep, self.trials[tid]))
 
 
+class _TeacherLines:
+    """One plain line per epoch of a teacher fine-tuned inside a trial (driver side)."""
+
+    def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
+        rep = result.get(REPORT) or {}
+        if rep.get("kind") == "teacher":
+            m = rep["metrics"]
+            print(f"teacher {m['task']} seed {m['seed']}: epoch {m['epoch']}/{m['epochs']}, "
+                  f"dev {m['dev_main']:.4f}", file=sys.stderr, flush=True)
+
+
 _live: TrackingCallback | None = None  # this driver's callback of the Tuner being fit
+# Other driver-side consumers of the same events (same hook names as TrackingCallback).
+_listeners: list[Any] = [_TeacherLines()]
 
 
 class _Forward(tune.Callback):
@@ -178,7 +237,13 @@ class _Forward(tune.Callback):
                 getattr(_live, hook)(**kw)
             except Exception as exc:
                 _log.warning("MLflow: %s of %s not recorded: %s", hook,
-                             kw["trial"].config.get("trial_id"), exc)
+                             (kw["trial"].config or {}).get("trial_id"), exc)
+        for listener in _listeners:
+            if hasattr(listener, hook):
+                try:
+                    getattr(listener, hook)(**kw)
+                except Exception as exc:  # a display must never end the sweep
+                    _log.warning("%s.%s failed: %s", type(listener).__name__, hook, exc)
 
     def on_trial_start(self, **kw: Any) -> None:
         self._call("on_trial_start", kw)
@@ -195,22 +260,6 @@ class _Forward(tune.Callback):
 
 def _trial_name(trial) -> str:
     return trial.config["trial_id"]
-
-
-def _prepare_teacher(sweep: SweepConfig, task: str, seed: int, home: str) -> str:
-    """Ray task: fine-tune (or find) the teacher, and cache its kd logits if kd will need them."""
-    from ikd_sweep import teacher as tc
-    from ikd_sweep.data import prepare_data
-    from ikd_sweep.models import load_tokenizer
-    from ikd_sweep.trainer import pick_device
-
-    tdir = tc.ensure_teacher(sweep, task, seed, Path(home))
-    if "kd" in sweep.methods:
-        tok = load_tokenizer(sweep.teacher.model)
-        data = prepare_data(task, sweep.data, tok, Path(home) / "cache" / "data",
-                            trial_seed(sweep, seed), method="kd")
-        tc.train_logits(tdir, data, pick_device())
-    return str(tdir)
 
 
 def _tokenized(sweep: SweepConfig, task: str, home: str) -> dict:
@@ -236,18 +285,105 @@ def _interrupt_sentinel(signum, frame):  # pragma: no cover - replaced by Ray du
     raise KeyboardInterrupt
 
 
-def init_ray(address: str | None) -> str:
+class ResourceError(ValueError):
+    """A trial asks for more than any node of the cluster has."""
+
+
+def init_ray(address: str | None, verbose: int = 0) -> str:
     """Join the cluster at `address` (e.g. auto, HOST:6379) or start a local Ray."""
     if not ray.is_initialized():
-        # A Ray this driver starts listens on loopback only and runs no dashboard; a cluster
-        # it joins keeps its own settings.
-        extra = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
+        # A local Ray runs no dashboard. Its gRPC servers listen on all interfaces (Ray has no
+        # setting to bind them to loopback; README, "Ray"); its token authentication is on.
+        extra = {} if address else {"include_dashboard": False}
+        ray.init(address=address, log_to_driver=True, configure_logging=False,
+                 **({} if verbose else {"logging_level": logging.WARNING}), **extra)
     gcs = ray.get_runtime_context().gcs_address
     print(f"Ray: {'joined ' + gcs if address else 'local, at ' + gcs}; "
           f"{ray.cluster_resources().get('CPU', 0):g} CPUs, "
           f"{ray.cluster_resources().get('GPU', 0):g} GPUs", file=sys.stderr)
     return gcs
+
+
+def check_resources(sweep: SweepConfig, joined: bool) -> None:
+    """Raise `ResourceError` when no node can hold one trial: Tune would wait forever."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for field_, key, unit in (("cpu", "CPU", "CPUs"), ("gpu", "GPU", "GPUs")):
+        need = float(getattr(sweep.resources, field_) or 0)
+        biggest = max((n.get(key, 0.0) for n in nodes), default=0.0)
+        if need > biggest:
+            total = sum(n.get(key, 0.0) for n in nodes)
+            where = (f"the cluster has {total:g} {unit}" if len(nodes) <= 1 else
+                     f"the largest of the cluster's {len(nodes)} nodes has {biggest:g} {unit} "
+                     f"({total:g} in all)")
+            hint = (" (a joined cluster: nodes an autoscaler has not started yet do not count; "
+                    "start one that large first)" if joined else "")
+            raise ResourceError(f"resources.{field_}: {need:g} requested per trial; {where}"
+                                f"{hint}; lower resources.{field_} in the sweep file")
+
+
+def _ray_record(home: Path, sweep: str) -> Path:
+    return home / "ray" / f"{sweep}.session.json"
+
+
+def _own_processes(marker: str) -> list[int]:
+    """PIDs of this user's processes whose command line holds `marker` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.stat().st_uid != os.getuid() or int(proc.name) == os.getpid():
+                continue
+            if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace"):
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def cleanup_leftover_ray(home: Path, sweep: str) -> int:
+    """End the Ray processes (raylet, GCS, agents) a killed earlier driver of this sweep left;
+    only those of the session it recorded. Call with the sweep's lock held. Returns a count."""
+    record = _ray_record(home, sweep)
+    try:
+        session = json.loads(record.read_text()).get("session_dir") or ""
+    except (OSError, ValueError):
+        return 0
+    pids = _own_processes(session) if "session_" in session else []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.time() + 10
+    while pids and time.time() < deadline:
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                and "Z" not in _proc_state(pid)]
+        if pids:
+            time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    record.unlink(missing_ok=True)
+    return len(pids)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def _record_ray_session(home: Path, sweep: str) -> None:
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except Exception:  # a private API: without it the next start cleans nothing up
+        return
+    record = _ray_record(home, sweep)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"session_dir": session, "driver": os.getpid()}))
 
 
 def _confirmations(sweep: SweepConfig, settings: list[dict[str, Any]]) -> list[Trial]:
@@ -271,10 +407,32 @@ def selected_settings(sweep: SweepConfig, tracking_uri: str) -> list[dict[str, A
 
 
 def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
-              address: str | None = None, restart: bool = False, verbose: int = 1) -> SweepOutcome:
-    """Run (or resume) both phases of `sweep`; return what happened to each trial."""
-    search = expand_trials(sweep)
+              address: str | None = None, restart: bool = False, verbose: int = 0) -> SweepOutcome:
+    """Run (or resume) both phases of `sweep`; return what happened to each trial.
+
+    Raises `files.SweepBusy` when another process runs this sweep in `home`, `ResourceError`
+    when no node can hold a trial (both before the parent run is touched)."""
     home = home.resolve()
+    with sweep_lock(home, sweep.name):
+        if not address:
+            cleanup_leftover_ray(home, sweep.name)
+        started = not ray.is_initialized()
+        try:
+            init_ray(address, verbose)
+            if started and not address:
+                _record_ray_session(home, sweep.name)
+            check_resources(sweep, joined=bool(address))
+            return _run_sweep(sweep, home, tracker, restart, verbose)
+        finally:
+            if started and ray.is_initialized():
+                ray.shutdown()
+                if not address:
+                    _ray_record(home, sweep.name).unlink(missing_ok=True)
+
+
+def _run_sweep(sweep: SweepConfig, home: Path, tracker: SweepTracker, restart: bool,
+               verbose: int) -> SweepOutcome:
+    search = expand_trials(sweep)
     # Checkpoints are small and frequent by design (one per evaluation); Ray's hint is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Training-curve reports carry no val/main; only evaluation reports do (ASHA skips others).
@@ -283,80 +441,132 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
     if restart and storage.exists():
         shutil.rmtree(storage)
     parent = tracker.start_sweep(sweep.name, sweep.model_dump(mode="json"), restart=restart)
-    # Confirmation trials, once worked out, are part of the sweep: never chosen a second time.
-    recorded = [d for d in tracker.expected_trials(parent) if d.get("phase") == "confirm"]
-    confirm = _confirmations(sweep, recorded) if sweep.search.confirm_seeds else []
-    tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
     out = SweepOutcome(parent_run_id=parent)
-    init_ray(address)
-    _run_phase(sweep, search, home, storage, tracker, parent, out, verbose)
-    if sweep.search.confirm_seeds and not out.interrupted:
-        if not confirm:
-            confirm = _confirmations(sweep, selected_settings(sweep, tracker.tracking_uri))
-            tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
-        out.confirm = [t.trial_id for t in confirm]
-        _run_phase(sweep, confirm, home, storage / "confirm", tracker, parent, out, verbose)
+    status = "FAILED"  # whatever ends this function, the parent never stays RUNNING
     try:
-        if out.interrupted:
-            tracker.mark_unfinished(parent, "KILLED")
-        tracker.end_sweep(parent, "KILLED" if out.interrupted else
-                          "FAILED" if out.failed else "FINISHED")
-    except Exception as exc:  # the trials are done; the next run of the command sets it
-        _log.warning("MLflow: could not record the end of the sweep: %s", exc)
+        # Confirmation trials, once worked out, are part of the sweep: never chosen again.
+        recorded = [d for d in tracker.expected_trials(parent) if d.get("phase") == "confirm"]
+        confirm = _confirmations(sweep, recorded) if sweep.search.confirm_seeds else []
+        tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
+        # Teacher failures are remembered for this run only: the next run retries them.
+        attempt = f"{os.getpid()}-{time.time_ns()}"
+        _run_phase(sweep, search, home, storage, tracker, parent, out, verbose, attempt)
+        if sweep.search.confirm_seeds and not out.interrupted:
+            if not confirm:
+                confirm = _confirmations(sweep, selected_settings(sweep, tracker.tracking_uri))
+                tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
+            out.confirm = [t.trial_id for t in confirm]
+            _run_phase(sweep, confirm, home, storage / "confirm", tracker, parent, out,
+                       verbose, attempt)
+        status = "KILLED" if out.interrupted else "FAILED" if out.failed else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            if status != "FINISHED":
+                tracker.mark_unfinished(parent, "KILLED")
+            tracker.end_sweep(parent, status)
+        except Exception as exc:  # the trials are done; the next run of the command sets it
+            _log.warning("MLflow: could not record the end of the sweep: %s", exc)
     return out
 
 
-def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Path,
-               tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int) -> None:
-    from ikd_sweep.tracking import trial_tags
+def _grid_order(trials: list[Trial]) -> list[Trial]:
+    """The first trial of each seed that needs a teacher (it fine-tunes it) alternating with
+    the finetune trials, then the rest: teachers of different seeds and trials that need none
+    run side by side instead of waiting for each other."""
+    first: dict[int, Trial] = {}
+    for t in trials:
+        if t.method != "finetune":
+            first.setdefault(t.seed, t)
+    leaders = list(first.values())
+    free = [t for t in trials if t.method == "finetune"]
+    head: list[Trial] = []
+    for i in range(max(len(leaders), len(free))):
+        head += leaders[i:i + 1] + free[i:i + 1]
+    return head + [t for t in trials if t not in head]
 
-    res = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
-    prep = ray.remote(_prepare_teacher).options(num_cpus=res["CPU"], num_gpus=res["GPU"],
-                                                max_retries=sweep.max_failures)
+
+def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Path,
+               tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
+               attempt: str) -> None:
     # Only the search phase is early-stopped: a confirmation run is the measurement itself.
     asha = sweep.search.scheduler == "asha" and trials[0].phase == "search"
     for task in sweep.tasks:
-        task_trials = [t for t in trials if t.task == task]
-        # Teachers first (one per task and seed), one Ray task per seed, in parallel.
-        seeds = sorted({t.seed for t in task_trials if t.method != "finetune"})
-        futures = {s: prep.remote(sweep, task, s, str(home)) for s in seeds}
-        bad_seeds: dict[int, str] = {}
-        for s, f in futures.items():
-            try:
-                ray.get(f)
-            except Exception as e:  # the task's teacher failed: its kd/ikd trials fail too
-                bad_seeds[s] = f"teacher fine-tuning failed: {type(e).__name__}: {e}"
-        runnable = []
-        for t in task_trials:
-            if t.method != "finetune" and t.seed in bad_seeds:
-                run_id = tracker.trial_run(parent, t.trial_id, tags=trial_tags(sweep, t),
-                                           params=flat_params(sweep, t))
-                tracker.finish_trial(run_id, "FAILED", error=bad_seeds[t.seed],
-                                     trial_config=trial_record(sweep, t))
-                out.failed[t.trial_id] = bad_seeds[t.seed]
-            else:
-                runnable.append(t)
-        groups = ([[t for t in runnable if t.method == m] for m in sweep.methods] if asha
-                  else [runnable])
-        splits = _tokenized(sweep, task, str(home)) if runnable else None
+        task_trials = _grid_order([t for t in trials if t.task == task])
+        groups = ([[t for t in task_trials if t.method == m] for m in sweep.methods] if asha
+                  else [task_trials])
+        splits = _tokenized(sweep, task, str(home)) if task_trials else None
         for group in groups:
             if group and not out.interrupted:
                 name = task if not asha else f"{task}-{group[0].method}"
                 _run_tuner(sweep, group, home, storage / name, tracker, parent, out, verbose,
-                           splits, asha)
+                           splits, asha, attempt)
         if out.interrupted:
             return
 
 
+def _set_aside(path: Path, why: str) -> None:
+    """Move Tune state that cannot be used out of the way; the MLflow store keeps what counts."""
+    dest = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(path), str(dest))
+    print(f"warning: Tune state {path} set aside as {dest.name} ({why}); its finished trials "
+          "are kept in MLflow, the others start over", file=sys.stderr)
+
+
+def _unreadable(path: Path) -> str | None:
+    """What in a Tune experiment folder cannot be read back (e.g. written on a full disk)."""
+    from ray import cloudpickle
+
+    for f in sorted(path.rglob("*")):
+        name = f.relative_to(path)
+        # Tune's own state: pickles (basic-variant-state is one, despite its name) and JSON.
+        pickled = f.suffix == ".pkl" or f.name.startswith("basic-variant-state")
+        if "checkpoint_" in str(name) or not f.is_file() or not (
+                pickled or f.name.startswith("experiment_state")):
+            continue
+        if f.stat().st_size == 0:
+            return f"{name} is empty"
+        try:
+            cloudpickle.loads(f.read_bytes()) if pickled else json.loads(f.read_text())
+        except Exception as exc:
+            return f"{name}: {type(exc).__name__}"
+    return None
+
+
+def _restore(path: Path, fn: Any, ids: list[str]) -> tune.Tuner | None:
+    """The Tuner saved at `path` if it can be read and holds exactly these trials, else None
+    (with the state set aside)."""
+    record = path.with_name(f".{path.name}.trials.json")
+    if not path.exists():
+        return None
+    try:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ValueError("no Tuner state")
+        if not record.exists() or json.loads(record.read_text()) != ids:
+            raise ValueError("it holds other trials than the sweep has now")
+        if why := _unreadable(path):
+            raise ValueError(why)
+        # Errored trials start again: a failure may have been the machine's, not the trial's.
+        return tune.Tuner.restore(str(path), fn, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=True)
+    except Exception as exc:
+        _set_aside(path, _ANSI.sub("", str(exc)).splitlines()[0] if str(exc) else
+                   type(exc).__name__)
+        return None
+
+
 def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
-               splits: dict | None, asha: bool) -> None:
+               splits: dict | None, asha: bool, attempt: str) -> None:
     by_id = {t.trial_id: t for t in trials}
     done = frozenset(r["trial_id"] for r in tracker.child_runs(parent)
                      if r["status"] == "FINISHED" and r["trial_id"] in by_id)
     callback = TrackingCallback(tracker, parent, sweep, by_id, done)
     fn = tune.with_parameters(trainable, sweep=sweep, home=str(home), done=done,
-                              trials={k: t.to_dict() for k, t in by_id.items()}, splits=splits)
+                              trials={k: t.to_dict() for k, t in by_id.items()}, splits=splits,
+                              attempt=attempt)
     fn = tune.with_resources(fn, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
     run_config = tune.RunConfig(
         name=path.name, storage_path=str(path.parent), verbose=verbose, callbacks=[_Forward()],
@@ -364,9 +574,8 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     global _live
     _live = callback
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), fn, resume_unfinished=True, resume_errored=False)
-    else:
+    tuner = _restore(path, fn, list(by_id))
+    if tuner is None:
         scheduler = ASHAScheduler(time_attr=EVALS, grace_period=2, reduction_factor=2) \
             if asha else None
         tuner = tune.Tuner(
@@ -382,6 +591,8 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                 trial_dirname_creator=_trial_name),
             run_config=run_config,
         )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_name(f".{path.name}.trials.json").write_text(json.dumps(list(by_id)))
     # Ray swaps in its own SIGINT handler during fit and puts the previous one back after the
     # first Ctrl-C; finding our sentinel back afterwards means the user interrupted the sweep.
     previous = signal.signal(signal.SIGINT, _interrupt_sentinel)
@@ -395,13 +606,18 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
     except Exception as exc:  # the tracking server is down: the outcome is Tune's alone
         _log.warning("MLflow: could not read the trials' runs: %s", exc)
         runs = {}
-    for result in grid:
-        # A trial that never started has no config; its folder is named after it.
-        t = by_id[(result.config or {}).get("trial_id") or Path(result.path).name]
-        m, run = result.metrics or {}, runs.get(t.trial_id)
-        if result.error is not None:
+    for i in range(len(grid)):
+        try:
+            result = grid[i]
+            # A trial that never started has no config; its folder is named after it.
+            t = by_id[(result.config or {}).get("trial_id") or Path(result.path).name]
+            m, run, error = result.metrics or {}, runs.get(t.trial_id), result.error
+        except Exception as exc:  # e.g. an error.pkl Ray could not write in full
+            _log.warning("Tune: result %d of %s unreadable: %s", i, path.name, exc)
+            continue
+        if error is not None:
             out.failed[t.trial_id] = (callback.errors.get(t.trial_id)
-                                      or (run or {}).get("error") or str(result.error))
+                                      or (run or {}).get("error") or describe_error(error))
         elif m.get(DONE_KEY):
             out.finished.append(t.trial_id)
             final = (m.get(REPORT) or {}).get("metrics")

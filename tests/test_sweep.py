@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +59,22 @@ def env_for(home: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], env=env_for(home), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+def run_cli(args: list[str], home: Path, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([*CLI, *args], env=env or env_for(home), capture_output=True,
+                              text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:  # show what the command printed before it hung
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                      for x in (e.stdout, e.stderr))
+        raise AssertionError(f"{' '.join(args)} ran past {timeout} s:\n{out[-5000:]}") from None
 
 
 def store(home: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{home}/mlflow.db")
+    # Under the driver's store lock: opening a fresh SQLite file migrates its schema, and a
+    # reader that does so while the driver migrates it breaks the driver (issue 13, item 8).
+    with FileLock(f"{home}/mlflow.db.lock"):
+        return MlflowClient(f"sqlite:///{home}/mlflow.db")
 
 
 def runs_of(home: Path, sweep: str) -> tuple[list, list]:
