@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from ikd_sweep.files import atomic_path
+from ikd_sweep.files import SweepBusy, atomic_path, sweep_lock
 
 
 def test_a_failed_write_leaves_the_old_folder_and_no_temporary_files(tmp_path):
@@ -42,3 +44,15 @@ def test_a_file_is_replaced_in_one_step(tmp_path):
         with atomic_path(target) as tmp:
             tmp.write_text(text)
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_sweep_lock_is_held_once_and_names_its_holder(tmp_path):
+    with sweep_lock(tmp_path, "demo"):
+        with pytest.raises(SweepBusy, match=rf"sweep demo is already running in {tmp_path} "
+                                            rf"\(pid {os.getpid()} on .+, since .+\); wait"):
+            with sweep_lock(tmp_path, "demo"):
+                pass
+        with sweep_lock(tmp_path, "other"):  # another sweep of the same folder may run
+            pass
+    with sweep_lock(tmp_path, "demo"):  # released: the next run gets it
+        pass

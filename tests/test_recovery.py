@@ -13,11 +13,8 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import torch
-from test_sweep import ROOT, env_for, run_cli, runs_of, start_cli, sweep_file
-
-from ikd_sweep.tune import describe_error
+from test_sweep import ROOT, env_for, run_cli, runs_of, start_cli, store, sweep_file
 
 
 def statuses(home: Path, sweep: str) -> tuple[list[str], dict[str, tuple[str, int]]]:
@@ -132,8 +129,6 @@ def test_impossible_resources_exit_2_at_once_and_touch_nothing(tmp_path):
         client_runs = list((home / "ray").glob(f"too-big-{name}/*"))
         assert not client_runs, "a Tuner was started"
     # No parent run was created (so none is left RUNNING).
-    from test_sweep import store
-
     assert store(home).get_experiment_by_name("too-big-cpu") is None
 
 
@@ -171,6 +166,8 @@ def test_a_second_run_of_the_same_sweep_is_refused_and_the_first_finishes(tmp_pa
 
 def test_errors_are_plain_text_with_the_root_cause_first():
     from ray.exceptions import RayTaskError
+
+    from ikd_sweep.tune import describe_error
 
     try:
         raise ValueError("\x1b[31mbad\x1b[0m value")
