@@ -325,15 +325,18 @@ def _ray_record(home: Path, sweep: str) -> Path:
     return home / "ray" / f"{sweep}.session.json"
 
 
-def _own_processes(marker: str) -> list[int]:
-    """PIDs of this user's processes whose command line holds `marker` (Linux /proc)."""
+def _own_processes(session: str, raylet: int | None) -> list[int]:
+    """PIDs of this user's processes of one Ray session (Linux /proc): its command line names
+    the session folder (GCS, raylet, monitors), or its environment names the session's raylet
+    (agents and workers, which rename themselves `ray::...`)."""
+    tag = f"RAY_RAYLET_PID={raylet}\0".encode() if raylet else None
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if proc.stat().st_uid != os.getuid() or int(proc.name) == os.getpid():
                 continue
-            if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace"):
+            if session.encode() in (proc / "cmdline").read_bytes() or (
+                    tag and tag in (proc / "environ").read_bytes()):
                 pids.append(int(proc.name))
         except (OSError, ValueError):
             continue
@@ -345,10 +348,12 @@ def cleanup_leftover_ray(home: Path, sweep: str) -> int:
     only those of the session it recorded. Call with the sweep's lock held. Returns a count."""
     record = _ray_record(home, sweep)
     try:
-        session = json.loads(record.read_text()).get("session_dir") or ""
+        info = json.loads(record.read_text())
     except (OSError, ValueError):
         return 0
-    pids = _own_processes(session) if "session_" in session else []
+    session = str(info.get("session_dir") or "")
+    pids = _own_processes(session, info.get("raylet")) if "session_" in session else []
+    found = len(pids)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -356,8 +361,7 @@ def cleanup_leftover_ray(home: Path, sweep: str) -> int:
             pass
     deadline = time.time() + 10
     while pids and time.time() < deadline:
-        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()
-                and "Z" not in _proc_state(pid)]
+        pids = [pid for pid in pids if "Z" not in _proc_state(pid)]
         if pids:
             time.sleep(0.2)
     for pid in pids:
@@ -365,8 +369,11 @@ def cleanup_leftover_ray(home: Path, sweep: str) -> int:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    if found:
+        print(f"Ray: ended {found} processes left by a killed earlier run of {sweep}",
+              file=sys.stderr)
     record.unlink(missing_ok=True)
-    return len(pids)
+    return found
 
 
 def _proc_state(pid: int) -> str:
@@ -378,12 +385,15 @@ def _proc_state(pid: int) -> str:
 
 def _record_ray_session(home: Path, sweep: str) -> None:
     try:
-        session = ray._private.worker._global_node.get_session_dir_path()
+        node = ray._private.worker._global_node
+        session = node.get_session_dir_path()
+        raylet = node.all_processes["raylet"][0].process.pid
     except Exception:  # a private API: without it the next start cleans nothing up
         return
     record = _ray_record(home, sweep)
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"session_dir": session, "driver": os.getpid()}))
+    record.write_text(json.dumps({"session_dir": session, "raylet": raylet,
+                                  "driver": os.getpid()}))
 
 
 def _confirmations(sweep: SweepConfig, settings: list[dict[str, Any]]) -> list[Trial]:
