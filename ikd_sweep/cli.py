@@ -169,6 +169,10 @@ def train(
                                    params=flat_params(cfg, trial))
         err.print(f"tracking: run {run_id} in experiment {cfg.experiment} at "
                   f"{tracker.tracking_uri}")
+        from ikd_sweep.tracking import device_tags
+        from ikd_sweep.trainer import describe_device, pick_device
+
+        tracker.set_tags(run_id, device_tags(describe_device(pick_device(device))))
 
     def finish(status: str, **kw) -> None:
         if tracker is not None and run_id is not None:
@@ -182,8 +186,10 @@ def train(
         cb = _ProgressCallback(progress, bar, run_dir / "metrics.jsonl", track=None if
                                tracker is None else partial(tracker.log_metrics, run_id))
         try:
+            total, splits = _train_steps(cfg, trial, root)
+            progress.update(bar, total=total)
             result = run_trial(cfg, trial, home=root, callback=cb, checkpoint_dir=ckpt,
-                               resume_from=resume_from, device=device)
+                               resume_from=resume_from, device=device, splits=splits)
         except NonFiniteLoss as e:
             status, error = "FAILED", str(e)
         except KeyboardInterrupt:
@@ -204,22 +210,43 @@ def train(
         raise typer.Exit(1)
 
 
+def _train_steps(cfg: SweepConfig, trial: Trial, root: Path) -> tuple[int, dict]:
+    """The trial's number of optimizer steps (the bar's total), and its tokenized splits, which
+    the trial then reuses instead of reading the cache again."""
+    from ikd_sweep.data import prepare_data, tokenize_splits
+    from ikd_sweep.models import load_tokenizer
+    from ikd_sweep.tasks import get_task
+    from ikd_sweep.trainer import FitSettings, total_steps
+    from ikd_sweep.trials import trial_seed
+
+    cache, tok = root / "cache" / "data", load_tokenizer(cfg.teacher.model)
+    splits = tokenize_splits(get_task(trial.task), cfg.data, tok, cache)
+    data = prepare_data(trial.task, cfg.data, tok, cache, trial_seed(cfg, trial), splits,
+                        method=trial.method)
+    return total_steps(FitSettings.for_trial(cfg, trial), len(data.train)), splits
+
+
 def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
     from ikd_sweep.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(uri or cfg_uri, root)
 
 
-def _print_trials(cfg: SweepConfig) -> None:
-    # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
-    trials = expand_trials(cfg)
+def _confirm_plan(cfg: SweepConfig) -> list[tuple[str, str, int]]:
+    """(task, method, seed) of each confirmation trial to come."""
     # The confirmation phase re-runs the setting the report selects per (task, method), which
     # the search decides: list it as "selected setting x confirm seeds".
     labels = list(cfg.methods)
     if "ikd" in labels and 0 in cfg.search.teacher_lr and cfg.search.algorithm == "grid":
         labels.append("ikd-control")
-    confirm = [(task, m, seed) for task in cfg.tasks for m in labels
-               for seed in cfg.search.confirm_seeds]
+    return [(task, m, seed) for task in cfg.tasks for m in labels
+            for seed in cfg.search.confirm_seeds]
+
+
+def _print_trials(cfg: SweepConfig) -> None:
+    # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
+    trials = expand_trials(cfg)
+    confirm = _confirm_plan(cfg)
     width = max(len(t.trial_id) for t in trials)
     phases = (f" ({len(trials)} search, {len(confirm)} confirm)" if confirm else "")
     print(f"{cfg.name}: {len(trials) + len(confirm)} trials{phases} "
@@ -265,15 +292,30 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="print the expanded trials and exit")] = False,
     set_: SetOpt = None,
     home: HomeOpt = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="show Ray Tune's "
+                                         "own output (trial tables, worker logs) too")] = 0,
 ) -> None:
-    """Run a sweep with Ray Tune, logging every trial to MLflow (resumes if interrupted)."""
+    """Run a sweep with Ray Tune, logging every trial to MLflow (resumes if interrupted).
+
+    Shows one live view: trials done/running/failed/stopped/pending, the best selected score
+    per task and method, and an ETA (plain lines when the output is not a terminal).
+    """
     cfg = _load(sweep, set_)
     if dry_run:
         _print_trials(cfg)
         return
+    import logging
+    import os
+
+    if not verbose:  # MLflow's set-up messages and download bars are not the user's business
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from ikd_sweep import tune as ikd_tune
+    from ikd_sweep.progress import SweepView
     from ikd_sweep.tracking import SweepTracker
     from ikd_sweep.tune import run_sweep
 
+    if not verbose:  # after MLflow's import, which sets its own logger to INFO
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     root = _home(home)
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
@@ -283,11 +325,17 @@ def run(
                if cfg.search.confirm_seeds else "")
     err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root}; tracking {uri}")
     t0 = time.time()
+    view = SweepView(cfg.name, n + len(_confirm_plan(cfg)), console=err)
+    ikd_tune._listeners.append(view)
     try:
-        out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart)
+        with view:
+            out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart,
+                            verbose=verbose)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: re-run the same command to resume")
         raise typer.Exit(130) from None
+    finally:
+        ikd_tune._listeners.remove(view)
     if out.finished:
         try:
             console.print(_summary(cfg, uri, time.time() - t0))
@@ -309,6 +357,28 @@ def run(
         raise typer.Exit(130)
     if out.failed:
         raise typer.Exit(3)
+
+
+@app.command()
+def status(
+    sweep: Annotated[str | None, typer.Option(help="sweep name (default: the latest)")] = None,
+    tracking_uri: TrackingOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """How far a sweep is, from another shell: the live view of `run`, from the tracking store.
+
+    Example: ikd-sweep status --sweep demo
+    """
+    from ikd_sweep.progress import render, snapshot_from_store
+    from ikd_sweep.tracking import sweep_progress
+
+    uri = _tracking_uri(tracking_uri, None, _home(home))
+    try:
+        progress = sweep_progress(uri, sweep)
+    except LookupError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(render(snapshot_from_store(progress)))
 
 
 @app.command()

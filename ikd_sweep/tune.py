@@ -90,6 +90,10 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
     if config["trial_id"] in done:  # FINISHED in MLflow already: never train it twice
         _report({"kind": "recorded", "step": 0, "metrics": {}}, {DONE_KEY: 1})
         return
+    from ikd_sweep.trainer import describe_device, pick_device
+
+    # The driver cannot see the worker's hardware: the trial says where it trains.
+    _report({"kind": "device", "step": 0, "device": describe_device(pick_device())})
     trial = Trial.from_dict(trials[config["trial_id"]])
     ckpt = tune.get_checkpoint()
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
@@ -142,6 +146,11 @@ class TrackingCallback(tune.Callback):
         if tid not in self.runs:  # its start could not be recorded: try again now
             self.on_trial_start(iteration, trials, trial)
         run_id = self.runs[tid]
+        if rep["kind"] == "device":
+            from ikd_sweep.tracking import device_tags
+
+            self.tracker.set_tags(run_id, device_tags(rep["device"]))
+            return
         if rep["kind"] == "error":
             self.errors[tid] = rep["error"]
             return
@@ -165,6 +174,10 @@ class TrackingCallback(tune.Callback):
 
 
 _live: TrackingCallback | None = None  # this driver's callback of the Tuner being fit
+# Other driver-side consumers of the same events (the CLI's live view, progress.SweepView):
+# objects with on_trial_start/result/complete/error(**kw), and optionally expect(trials),
+# called before each Tuner with the trials it runs. Their failures never end the sweep.
+_listeners: list[Any] = []
 
 
 class _Forward(tune.Callback):
@@ -179,6 +192,11 @@ class _Forward(tune.Callback):
             except Exception as exc:
                 _log.warning("MLflow: %s of %s not recorded: %s", hook,
                              kw["trial"].config.get("trial_id"), exc)
+        for listener in _listeners:
+            try:
+                getattr(listener, hook)(**kw)
+            except Exception as exc:
+                _log.warning("%s: %s failed: %s", type(listener).__name__, hook, exc)
 
     def on_trial_start(self, **kw: Any) -> None:
         self._call("on_trial_start", kw)
@@ -236,13 +254,29 @@ def _interrupt_sentinel(signum, frame):  # pragma: no cover - replaced by Ray du
     raise KeyboardInterrupt
 
 
-def init_ray(address: str | None) -> str:
+def quiet_ray(verbose: int) -> None:
+    """verbose 0: Ray's and Tune's own messages off (warnings and errors still show), so the
+    driver's output is the live view (Tune's verbose 0 also drops its tables and TensorBoard
+    hint); 1+: Tune's tables and Ray's logs as Ray prints them."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # Tune's new output engine prints its config box and TensorBoard hint even at verbose
+        # 0; its legacy engine at verbose 0 prints nothing.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Its one warning at start-up says that token authentication is on: the safe default.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.WARNING if verbose else logging.ERROR)
+
+
+def init_ray(address: str | None, log_to_driver: bool = True) -> str:
     """Join the cluster at `address` (e.g. auto, HOST:6379) or start a local Ray."""
     if not ray.is_initialized():
         # A Ray this driver starts listens on loopback only and runs no dashboard; a cluster
         # it joins keeps its own settings.
         extra = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
+        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False, **extra)
     gcs = ray.get_runtime_context().gcs_address
     print(f"Ray: {'joined ' + gcs if address else 'local, at ' + gcs}; "
           f"{ray.cluster_resources().get('CPU', 0):g} CPUs, "
@@ -288,7 +322,8 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
     confirm = _confirmations(sweep, recorded) if sweep.search.confirm_seeds else []
     tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
     out = SweepOutcome(parent_run_id=parent)
-    init_ray(address)
+    quiet_ray(verbose)
+    init_ray(address, log_to_driver=verbose > 0)  # workers' prints: the live view replaces them
     _run_phase(sweep, search, home, storage, tracker, parent, out, verbose)
     if sweep.search.confirm_seeds and not out.interrupted:
         if not confirm:
@@ -364,6 +399,9 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     global _live
     _live = callback
+    for listener in _listeners:
+        if hasattr(listener, "expect"):
+            listener.expect(trials)
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), fn, resume_unfinished=True, resume_errored=False)
     else:
