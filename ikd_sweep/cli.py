@@ -32,7 +32,8 @@ from ikd_sweep.trials import (
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.")
+                  help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.",
+                  epilog="Example: ikd-sweep run sweeps/demo.yaml, then ikd-sweep report")
 console = Console()
 err = Console(stderr=True)
 
@@ -64,7 +65,7 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep validate sweeps/demo.yaml --set train.epochs=1")
 def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     """Check a sweep file; print its trial count and the expanded search space."""
     cfg = _load(sweep, set_)
@@ -119,7 +120,7 @@ class _ProgressCallback:
                                         f" (best {metrics.get('best/dev_main', 0):.4f})")
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep train sweeps/demo.yaml --task sst2 --method ikd")
 def train(
     sweep: SweepArg,
     task: Annotated[str, typer.Option(help="task of the sweep, e.g. rte")],
@@ -281,7 +282,7 @@ def _summary(cfg: SweepConfig, uri: str, seconds: float) -> Table:
     return table
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep run sweeps/demo.yaml    (again after Ctrl-C: it resumes)")
 def run(
     sweep: SweepArg,
     tracking_uri: TrackingOpt = None,
@@ -359,16 +360,13 @@ def run(
         raise typer.Exit(3)
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep status --sweep demo")
 def status(
     sweep: Annotated[str | None, typer.Option(help="sweep name (default: the latest)")] = None,
     tracking_uri: TrackingOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """How far a sweep is, from another shell: the live view of `run`, from the tracking store.
-
-    Example: ikd-sweep status --sweep demo
-    """
+    """Where a sweep stands (from another shell): run's live view, from the tracking store."""
     from ikd_sweep.progress import render, snapshot_from_store
     from ikd_sweep.tracking import sweep_progress
 
@@ -381,7 +379,7 @@ def status(
     console.print(render(snapshot_from_store(progress)))
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep report --sweep demo --format all")
 def report(
     sweep: Annotated[str | None, typer.Option(help="sweep name (default: the latest)")] = None,
     tracking_uri: TrackingOpt = None,
@@ -423,7 +421,7 @@ def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> 
     return [*argv, "--host", host, "--port", str(port)]
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep ui --port 5000")
 def ui(
     port: Annotated[int, typer.Option(help="port")] = 5000,
     host: Annotated[str, typer.Option(help="interface; 0.0.0.0 exposes it to the network")]

@@ -161,6 +161,7 @@ class SweepView:
         self.interval_s, self.clock = interval_s, clock
         self.live: Live | None = None
         self._counts, self._bests, self._last_at = "", {}, float("-inf")
+        self._printed = ""
         self._concurrency = 1
 
     # -- lifetime -----------------------------------------------------------------------------
@@ -251,4 +252,7 @@ class SweepView:
         if force or new or due or counts != self._counts:
             self._counts, self._bests, self._last_at = counts, bests, self.clock()
             best = ", ".join(f"{task}/{m} {s}" for (task, m), s in new.items())
-            self._print(summary_line(snap) + (f" | new best {best}" if best else ""))
+            line = summary_line(snap) + (f" | new best {best}" if best else "")
+            if line != self._printed:  # e.g. the closing line, when nothing moved since
+                self._printed = line
+                self._print(line)
