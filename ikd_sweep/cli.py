@@ -305,18 +305,14 @@ def run(
     if dry_run:
         _print_trials(cfg)
         return
-    import logging
-    import os
-
-    if not verbose:  # MLflow's set-up messages and download bars are not the user's business
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from ikd_sweep import tune as ikd_tune
     from ikd_sweep.progress import SweepView
-    from ikd_sweep.tracking import SweepTracker
+    from ikd_sweep.tracking import SweepTracker, quiet_mlflow
     from ikd_sweep.tune import run_sweep
 
-    if not verbose:  # after MLflow's import, which sets its own logger to INFO
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if not verbose:
+        quiet_mlflow()
+
     root = _home(home)
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
@@ -368,7 +364,9 @@ def status(
 ) -> None:
     """Where a sweep stands (from another shell): run's live view, from the tracking store."""
     from ikd_sweep.progress import render, snapshot_from_store
-    from ikd_sweep.tracking import sweep_progress
+    from ikd_sweep.tracking import quiet_mlflow, sweep_progress
+
+    quiet_mlflow()
 
     uri = _tracking_uri(tracking_uri, None, _home(home))
     try:

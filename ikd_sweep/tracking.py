@@ -156,6 +156,13 @@ def code_metadata() -> dict[str, str]:
     return tags
 
 
+def quiet_mlflow() -> None:
+    """MLflow's own INFO messages (database set-up) and artifact download bars off: the CLI's
+    output is its own."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow set INFO when imported
+
+
 def device_tags(info: dict[str, str]) -> dict[str, str]:
     """``{"device": "cuda", "gpu": "NVIDIA H200"}`` (a worker's report) as run tags."""
     return {TAG.DEVICE: str(info.get("device", "unknown")), TAG.GPU: str(info.get("gpu", "none"))}
