@@ -154,3 +154,29 @@ def test_train_shows_its_total_and_tags_runs_with_code_and_device(tmp_path: Path
             assert tags[f"ikd.lib.{lib}"][0].isdigit()
     (child,) = [r for r in runs if r.data.tags.get(TAG.ROLE) == "trial"]
     assert child.data.tags[TAG.DEVICE] == "cpu" and child.data.tags[TAG.GPU] == "none"
+
+
+def test_a_sweep_prints_the_view_not_ray_and_status_reads_it_back(tmp_path, monkeypatch):
+    from test_sweep import run_cli, runs_of, sweep_file
+
+    home = tmp_path / "home"
+    sweep = sweep_file(tmp_path, "quiet", tasks=["wnli"], methods=["finetune"])
+    p = run_cli(["run", str(sweep)], home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert "quiet: 1/1 done, 0 running, 0 failed, 0 stopped, 0 pending" in p.stderr
+    assert "new best wnli/finetune" in p.stderr
+    # Ray's own chatter is off: no trial tables, config boxes, checkpoint lines, hints, ANSI.
+    for noise in ("Trial status", "Checkpoint successfully created", "TensorBoard",
+                  "Configuration for experiment", "\x1b["):
+        assert noise not in out, noise
+    assert len(out.splitlines()) < 25, out
+    _, (child,) = runs_of(home, "quiet")
+    assert child.data.tags[TAG.DEVICE] == "cpu"  # the worker's report, tagged by the driver
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    status = CliRunner().invoke(app, ["status", "--home", str(home)])
+    assert status.exit_code == 0, status.output
+    assert "quiet [FINISHED]: 1/1 done, 0 running, 0 failed, 0 stopped, 0 pending" in \
+        status.output
