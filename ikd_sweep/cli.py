@@ -33,7 +33,8 @@ from ikd_sweep.trials import (
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.")
+                  help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.",
+                  epilog="Example: ikd-sweep run sweeps/demo.yaml, then ikd-sweep report")
 console = Console()
 err = Console(stderr=True)
 
@@ -65,7 +66,7 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep validate sweeps/demo.yaml --set train.epochs=1")
 def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     """Check a sweep file; print its trial count and the expanded search space."""
     cfg = _load(sweep, set_)
@@ -120,7 +121,7 @@ class _ProgressCallback:
                                         f" (best {metrics.get('best/dev_main', 0):.4f})")
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep train sweeps/demo.yaml --task sst2 --method ikd")
 def train(
     sweep: SweepArg,
     task: Annotated[str, typer.Option(help="task of the sweep, e.g. rte")],
@@ -170,6 +171,10 @@ def train(
                                    params=flat_params(cfg, trial))
         err.print(f"tracking: run {run_id} in experiment {cfg.experiment} at "
                   f"{tracker.tracking_uri}")
+        from ikd_sweep.tracking import device_tags
+        from ikd_sweep.trainer import describe_device, pick_device
+
+        tracker.set_tags(run_id, device_tags(describe_device(pick_device(device))))
 
     def finish(status: str, **kw) -> None:
         if tracker is not None and run_id is not None:
@@ -183,8 +188,10 @@ def train(
         cb = _ProgressCallback(progress, bar, run_dir / "metrics.jsonl", track=None if
                                tracker is None else partial(tracker.log_metrics, run_id))
         try:
+            total, splits = _train_steps(cfg, trial, root)
+            progress.update(bar, total=total)
             result = run_trial(cfg, trial, home=root, callback=cb, checkpoint_dir=ckpt,
-                               resume_from=resume_from, device=device)
+                               resume_from=resume_from, device=device, splits=splits)
         except NonFiniteLoss as e:
             status, error = "FAILED", str(e)
         except KeyboardInterrupt:
@@ -205,22 +212,43 @@ def train(
         raise typer.Exit(1)
 
 
+def _train_steps(cfg: SweepConfig, trial: Trial, root: Path) -> tuple[int, dict]:
+    """The trial's number of optimizer steps (the bar's total), and its tokenized splits, which
+    the trial then reuses instead of reading the cache again."""
+    from ikd_sweep.data import prepare_data, tokenize_splits
+    from ikd_sweep.models import load_tokenizer
+    from ikd_sweep.tasks import get_task
+    from ikd_sweep.trainer import FitSettings, total_steps
+    from ikd_sweep.trials import trial_seed
+
+    cache, tok = root / "cache" / "data", load_tokenizer(cfg.teacher.model)
+    splits = tokenize_splits(get_task(trial.task), cfg.data, tok, cache)
+    data = prepare_data(trial.task, cfg.data, tok, cache, trial_seed(cfg, trial), splits,
+                        method=trial.method)
+    return total_steps(FitSettings.for_trial(cfg, trial), len(data.train)), splits
+
+
 def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
     from ikd_sweep.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(uri or cfg_uri, root)
 
 
-def _print_trials(cfg: SweepConfig) -> None:
-    # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
-    trials = expand_trials(cfg)
+def _confirm_plan(cfg: SweepConfig) -> list[tuple[str, str, int]]:
+    """(task, method, seed) of each confirmation trial to come."""
     # The confirmation phase re-runs the setting the report selects per (task, method), which
     # the search decides: list it as "selected setting x confirm seeds".
     labels = list(cfg.methods)
     if "ikd" in labels and 0 in cfg.search.teacher_lr and cfg.search.algorithm == "grid":
         labels.append("ikd-control")
-    confirm = [(task, m, seed) for task in cfg.tasks for m in labels
-               for seed in cfg.search.confirm_seeds]
+    return [(task, m, seed) for task in cfg.tasks for m in labels
+            for seed in cfg.search.confirm_seeds]
+
+
+def _print_trials(cfg: SweepConfig) -> None:
+    # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
+    trials = expand_trials(cfg)
+    confirm = _confirm_plan(cfg)
     width = max(len(t.trial_id) for t in trials)
     phases = (f" ({len(trials)} search, {len(confirm)} confirm)" if confirm else "")
     print(f"{cfg.name}: {len(trials) + len(confirm)} trials{phases} "
@@ -255,7 +283,7 @@ def _summary(cfg: SweepConfig, uri: str, seconds: float) -> Table:
     return table
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep run sweeps/demo.yaml    (again after Ctrl-C: it resumes)")
 def run(
     sweep: SweepArg,
     tracking_uri: TrackingOpt = None,
@@ -266,14 +294,25 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="print the expanded trials and exit")] = False,
     set_: SetOpt = None,
     home: HomeOpt = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="show Ray Tune's "
+                                         "own output (trial tables, worker logs) too")] = 0,
 ) -> None:
-    """Run a sweep with Ray Tune, logging every trial to MLflow (resumes if interrupted)."""
+    """Run a sweep with Ray Tune, logging every trial to MLflow (resumes if interrupted).
+
+    Shows one live view: trials done/running/failed/stopped/pending, the best selected score
+    per task and method, and an ETA (plain lines when the output is not a terminal).
+    """
     cfg = _load(sweep, set_)
     if dry_run:
         _print_trials(cfg)
         return
-    from ikd_sweep.tracking import SweepTracker
+    from ikd_sweep import tune as ikd_tune
+    from ikd_sweep.progress import SweepView
+    from ikd_sweep.tracking import SweepTracker, quiet_mlflow
     from ikd_sweep.tune import run_sweep
+
+    if not verbose:
+        quiet_mlflow()
 
     root = _home(home)
     root.mkdir(parents=True, exist_ok=True)
@@ -287,8 +326,12 @@ def run(
     from ikd_sweep.files import SweepBusy
     from ikd_sweep.tune import ResourceError
 
+    view = SweepView(cfg.name, n + len(_confirm_plan(cfg)), console=err)
+    ikd_tune._listeners.append(view)
     try:
-        out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart)
+        with view:
+            out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart,
+                            verbose=verbose)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: re-run the same command to resume")
         raise typer.Exit(130) from None
@@ -301,6 +344,8 @@ def run(
         err.print(f"[red]error:[/red] no space left on device ({e.filename or root}); free "
                   "space and re-run the same command to resume", highlight=False)
         raise typer.Exit(1) from None
+    finally:
+        ikd_tune._listeners.remove(view)
     if out.finished:
         try:
             console.print(_summary(cfg, uri, time.time() - t0))
@@ -324,7 +369,28 @@ def run(
         raise typer.Exit(3)
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep status --sweep demo")
+def status(
+    sweep: Annotated[str | None, typer.Option(help="sweep name (default: the latest)")] = None,
+    tracking_uri: TrackingOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Where a sweep stands (from another shell): run's live view, from the tracking store."""
+    from ikd_sweep.progress import render, snapshot_from_store
+    from ikd_sweep.tracking import quiet_mlflow, sweep_progress
+
+    quiet_mlflow()
+
+    uri = _tracking_uri(tracking_uri, None, _home(home))
+    try:
+        progress = sweep_progress(uri, sweep)
+    except LookupError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(render(snapshot_from_store(progress)))
+
+
+@app.command(epilog="Example: ikd-sweep report --sweep demo --format all")
 def report(
     sweep: Annotated[str | None, typer.Option(help="sweep name (default: the latest)")] = None,
     tracking_uri: TrackingOpt = None,
@@ -366,7 +432,7 @@ def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> 
     return [*argv, "--host", host, "--port", str(port)]
 
 
-@app.command()
+@app.command(epilog="Example: ikd-sweep ui --port 5000")
 def ui(
     port: Annotated[int, typer.Option(help="port")] = 5000,
     host: Annotated[str, typer.Option(help="interface; 0.0.0.0 exposes it to the network")]

@@ -10,16 +10,20 @@ reported, never silent. `finish_trial` waits for the run's metrics before ending
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, wait
 from contextlib import nullcontext
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -28,7 +32,7 @@ from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.git_utils import get_git_commit
+from mlflow.utils import mlflow_tags
 
 from ikd_sweep import __version__
 from ikd_sweep.config import SweepConfig, default_home
@@ -54,7 +58,17 @@ class TAG:
     LOST = "ikd.lost_metrics"
     VERSION = "ikd.version"
     GIT = "ikd.git_commit"
+    GIT_DIRTY = "ikd.git_dirty"  # "true": the code had uncommitted changes (tracked files)
+    LIB = "ikd.lib."  # + library name: its installed version
+    DEVICE = "ikd.device"  # where the trial trained (reported by the worker): cuda | cpu | mps
+    GPU = "ikd.gpu"  # the GPU's name, "none" on CPU
     PARENT = "mlflow.parentRunId"
+    EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag: which view the MLflow UI opens
+
+
+# MLflow 3's UI opens an experiment of this kind on its training-runs table.
+EXPERIMENT_KIND = "custom_model_development"
+LIBRARIES = ("torch", "transformers", "ray", "mlflow")
 
 
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
@@ -105,6 +119,55 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+def _git(*args: str) -> str | None:
+    # The package's own checkout, not the working directory: a sweep launched from elsewhere
+    # still records the code it ran.
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@cache
+def code_metadata() -> dict[str, str]:
+    """Tags every run carries: library versions, git commit and dirty flag of the package's
+    checkout (none when installed from a wheel), and MLflow's own source tags."""
+    tags = {TAG.VERSION: __version__, mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL",
+            mlflow_tags.MLFLOW_SOURCE_NAME: " ".join(["ikd-sweep", *sys.argv[1:2]])}
+    for lib in LIBRARIES:
+        try:
+            tags[TAG.LIB + lib] = version(lib)
+        except PackageNotFoundError:
+            tags[TAG.LIB + lib] = "not installed"
+    try:
+        tags[mlflow_tags.MLFLOW_USER] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        pass
+    sha = _git("rev-parse", "HEAD")
+    if sha:
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        tags.update({TAG.GIT: sha, mlflow_tags.MLFLOW_GIT_COMMIT: sha,
+                     TAG.GIT_DIRTY: "unknown" if dirty is None else str(bool(dirty)).lower()})
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[mlflow_tags.MLFLOW_GIT_BRANCH] = branch
+    return tags
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own INFO messages (database set-up) and artifact download bars off: the CLI's
+    output is its own."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow set INFO when imported
+
+
+def device_tags(info: dict[str, str]) -> dict[str, str]:
+    """``{"device": "cuda", "gpu": "NVIDIA H200"}`` (a worker's report) as run tags."""
+    return {TAG.DEVICE: str(info.get("device", "unknown")), TAG.GPU: str(info.get("gpu", "none"))}
+
+
 def trial_tags(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
     return {TAG.SWEEP: cfg.name, TAG.TASK: trial.task, TAG.METHOD: trial.method,
             TAG.SEED: str(trial.seed), TAG.TRIAL_ID: trial.trial_id, TAG.PHASE: trial.phase}
@@ -124,8 +187,7 @@ class SweepTracker:
         # by MLflow's queue once per batch.
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(
             logging.CRITICAL)
-        sha = get_git_commit(os.getcwd())  # the driver's checkout
-        self.tags = {TAG.VERSION: __version__, **({TAG.GIT: sha} if sha else {})}
+        self.tags = dict(code_metadata())
         # Per run: [future of an async log_batch, its metrics, written-as-lost]; MLflow
         # completes the futures on its own threads, hence the lock.
         self._inflight: dict[str, list[list[Any]]] = {}
@@ -162,6 +224,9 @@ class SweepTracker:
             if exp.lifecycle_stage == "deleted":
                 _log.warning("Restoring deleted MLflow experiment %r", self.experiment)
                 client.restore_experiment(exp.experiment_id)
+            if TAG.EXPERIMENT_KIND not in exp.tags:  # a kind chosen in the UI is kept
+                client.set_experiment_tag(exp.experiment_id, TAG.EXPERIMENT_KIND,
+                                          EXPERIMENT_KIND)
             return exp.experiment_id
 
     def _search(self, filter_string: str) -> list[Any]:
@@ -241,6 +306,10 @@ class SweepTracker:
         client.log_batch(run.info.run_id, params=new,  # MLflow splits it into its batch limits
                          tags=[RunTag(k, v[:8000]) for k, v in all_tags.items()])
         return run.info.run_id
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Add tags to a run (e.g. the device a worker reported)."""
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:8000]) for k, v in tags.items()])
 
     def _children(self, parent_run_id: str) -> list[Any]:
         return self._search(f"tags.`{TAG.PARENT}` = '{parent_run_id}'")
@@ -348,3 +417,44 @@ class SweepTracker:
                                         "final_metrics": final_metrics, "not_recorded": failed},
                                        indent=2, default=str))
             _log.warning("End of run %s saved to %s", run_id, path)
+
+
+def sweep_progress(tracking_uri: str, sweep: str | None = None) -> dict[str, Any]:
+    """What ``ikd-sweep status`` shows, read from the store alone: the newest live parent run
+    of ``sweep`` (of any sweep when None), its expected trials and one entry per trial run.
+    Raises LookupError (naming the sweeps there are) when there is no such sweep; never
+    creates a store."""
+    db = sqlite_path(_absolute_sqlite_uri(tracking_uri))
+    if db is not None and not db.exists():
+        raise LookupError(f"no tracking store at {db} (run a sweep first, or pass --home or "
+                          "--tracking-uri)")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exps = {e.experiment_id: e.name for e in client.search_experiments(max_results=1000)}
+    parents = []
+    for ids in (list(exps)[i:i + 100] for i in range(0, len(exps), 100)):
+        token = None
+        while token != "":
+            page = client.search_runs(ids, f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'",
+                                      max_results=1000, page_token=token)
+            parents += [r for r in page if r.data.tags.get(TAG.SUPERSEDED) != "true"]
+            token = page.token or ""
+    parents.sort(key=lambda r: r.info.start_time or 0, reverse=True)
+    names = list(dict.fromkeys(r.data.tags.get(TAG.SWEEP, "") for r in parents))
+    parent = next((r for r in parents if sweep is None or r.data.tags.get(TAG.SWEEP) == sweep),
+                  None)
+    if parent is None:
+        raise LookupError(f"no sweep {sweep!r} in the store at {tracking_uri}; sweeps there: "
+                          f"{', '.join(names) or 'none'}" if sweep else
+                          f"no sweep in the store at {tracking_uri}")
+    tracker = SweepTracker(tracking_uri, exps[parent.info.experiment_id])
+    runs: dict[str, dict[str, Any]] = {}
+    for r in tracker._children(parent.info.run_id):  # oldest first: the canonical run wins
+        tid, m = r.data.tags.get(TAG.TRIAL_ID, ""), r.data.metrics
+        runs.setdefault(tid, {
+            "trial_id": tid, "task": r.data.tags.get(TAG.TASK), "method":
+            r.data.tags.get(TAG.METHOD), "status": r.info.status, "error": r.data.tags.get(
+                TAG.ERROR), "start_ms": r.info.start_time, "end_ms": r.info.end_time,
+            "sel_val_main": m.get("sel/val_main"), "sel_dev_main": m.get("sel/dev_main")})
+    return {"sweep": parent.data.tags.get(TAG.SWEEP), "run_id": parent.info.run_id,
+            "status": parent.info.status, "start_ms": parent.info.start_time,
+            "expected": tracker.expected_trials(parent.info.run_id), "runs": list(runs.values())}

@@ -131,6 +131,19 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def describe_device(device: torch.device) -> dict[str, str]:
+    """Where a trial trains, for its record: ``{"device": "cuda", "gpu": "NVIDIA H200"}``."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"device": device.type, "gpu": gpu}
+
+
+def total_steps(s: FitSettings, n_rows: int) -> int:
+    """Optimizer steps of a run on `n_rows` training rows: `epochs` passes, capped at
+    `max_steps` (the progress bar's total and the learning-rate schedule's length)."""
+    total = max(1, int(s.epochs * math.ceil(n_rows / s.batch_size)))
+    return min(total, s.max_steps) if s.max_steps else total
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -376,9 +389,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
     student.to(device).train()
 
     steps_per_epoch = math.ceil(len(data.train) / s.batch_size)
-    total = max(1, int(s.epochs * steps_per_epoch))
-    if s.max_steps:
-        total = min(total, s.max_steps)
+    total = total_steps(s, len(data.train))
     eval_at = set(range(steps_per_epoch, total + 1, steps_per_epoch)) | {total}
     if s.eval_every:
         eval_at |= set(range(s.eval_every, total + 1, s.eval_every))

@@ -133,6 +133,10 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
     if config["trial_id"] in done:  # FINISHED in MLflow already: never train it twice
         _report({"kind": "recorded", "step": 0, "metrics": {}}, {DONE_KEY: 1})
         return
+    from ikd_sweep.trainer import describe_device, pick_device
+
+    # The driver cannot see the worker's hardware: the trial says where it trains.
+    _report({"kind": "device", "step": 0, "device": describe_device(pick_device())})
     trial = Trial.from_dict(trials[config["trial_id"]])
     ckpt = tune.get_checkpoint()
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
@@ -186,6 +190,11 @@ class TrackingCallback(tune.Callback):
         if tid not in self.runs:  # its start could not be recorded: try again now
             self.on_trial_start(iteration, trials, trial)
         run_id = self.runs[tid]
+        if rep["kind"] == "device":
+            from ikd_sweep.tracking import device_tags
+
+            self.tracker.set_tags(run_id, device_tags(rep["device"]))
+            return
         if rep["kind"] == "error":
             self.errors[tid] = rep["error"]
             return
@@ -210,20 +219,11 @@ class TrackingCallback(tune.Callback):
                                       trial_config=trial_record(self.sweep, self.trials[tid]))
 
 
-class _TeacherLines:
-    """One plain line per epoch of a teacher fine-tuned inside a trial (driver side)."""
-
-    def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
-        rep = result.get(REPORT) or {}
-        if rep.get("kind") == "teacher":
-            m = rep["metrics"]
-            print(f"teacher {m['task']} seed {m['seed']}: epoch {m['epoch']}/{m['epochs']}, "
-                  f"dev {m['dev_main']:.4f}", file=sys.stderr, flush=True)
-
-
 _live: TrackingCallback | None = None  # this driver's callback of the Tuner being fit
-# Other driver-side consumers of the same events (same hook names as TrackingCallback).
-_listeners: list[Any] = [_TeacherLines()]
+# Other driver-side consumers of the same events (the CLI's live view, progress.SweepView):
+# objects with on_trial_start/result/complete/error(**kw), and optionally expect(trials),
+# called before each Tuner with the trials it runs. Their failures never end the sweep.
+_listeners: list[Any] = []
 
 
 class _Forward(tune.Callback):
@@ -289,13 +289,31 @@ class ResourceError(ValueError):
     """A trial asks for more than any node of the cluster has."""
 
 
+def quiet_ray(verbose: int) -> None:
+    """verbose 0: Ray's and Tune's own messages off (warnings and errors still show), so the
+    driver's output is the live view (Tune's verbose 0 also drops its tables and TensorBoard
+    hint); 1+: Tune's tables and Ray's logs as Ray prints them."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # Tune's new output engine prints its config box and TensorBoard hint even at verbose
+        # 0; its legacy engine at verbose 0 prints nothing.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Its one warning at start-up says that token authentication is on: the safe default.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.WARNING if verbose else logging.ERROR)
+
+
 def init_ray(address: str | None, verbose: int = 0) -> str:
     """Join the cluster at `address` (e.g. auto, HOST:6379) or start a local Ray."""
+    quiet_ray(verbose)
     if not ray.is_initialized():
         # A local Ray runs no dashboard. Its gRPC servers listen on all interfaces (Ray has no
         # setting to bind them to loopback; README, "Ray"); its token authentication is on.
+        # Workers' prints reach the driver only with --verbose: the live view replaces them.
         extra = {} if address else {"include_dashboard": False}
-        ray.init(address=address, log_to_driver=True, configure_logging=False,
+        ray.init(address=address, log_to_driver=verbose > 0, configure_logging=False,
                  **({} if verbose else {"logging_level": logging.WARNING}), **extra)
     gcs = ray.get_runtime_context().gcs_address
     print(f"Ray: {'joined ' + gcs if address else 'local, at ' + gcs}; "
@@ -584,6 +602,9 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     global _live
     _live = callback
+    for listener in _listeners:
+        if hasattr(listener, "expect"):
+            listener.expect(trials)
     tuner = _restore(path, fn, list(by_id))
     if tuner is None:
         scheduler = ASHAScheduler(time_attr=EVALS, grace_period=2, reduction_factor=2) \

@@ -78,3 +78,16 @@ def test_ray_and_mlflow_each_stay_in_one_module():
                 if any(n == lib or n.startswith(lib + ".") for n in names):
                     users[lib].add(_module_name(path))
     assert users == {"ray": {"ikd_sweep.tune"}, "mlflow": {"ikd_sweep.tracking"}}
+
+
+def test_the_cli_imports_no_heavy_library():
+    # `ikd-sweep --help` must answer at once: the heavy libraries load inside the commands.
+    import subprocess
+    import sys
+
+    heavy = ("torch", "ray", "mlflow", "transformers", "pandas", "scipy", "sklearn")
+    code = ("import sys, ikd_sweep.cli; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=PKG.parent)
+    assert out.stdout.strip() == "", f"importing ikd_sweep.cli imports {out.stdout.strip()}"

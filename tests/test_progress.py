@@ -1,0 +1,182 @@
+"""Watching a sweep: the live view's lines, `ikd-sweep status` from the store, the run metadata
+every MLflow run carries, and the `train` bar's total."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from helpers import migrated_store
+from mlflow import MlflowClient
+from rich.console import Console
+from typer.testing import CliRunner
+
+from ikd_sweep.cli import app
+from ikd_sweep.progress import SweepView, estimate_eta
+from ikd_sweep.tracking import TAG, SweepTracker
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64}
+
+
+def _trial(trial_id: str, task: str, method: str) -> dict:
+    return {"trial_id": trial_id, "task": task, "method": method, "seed": 1, "phase": "search"}
+
+
+EXPECTED = [_trial("rte-kd-a", "rte", "kd"), _trial("rte-kd-b", "rte", "kd"),
+            _trial("rte-ikd-a", "rte", "ikd"), _trial("rte-ikd-b", "rte", "ikd"),
+            _trial("wnli-kd-a", "wnli", "kd")]
+
+
+def test_status_counts_trials_and_shows_the_best_selected_score(tmp_path, tmp_path_factory,
+                                                                monkeypatch):
+    home = tmp_path / "runs"
+    tracker = SweepTracker(migrated_store(tmp_path_factory, home), "watched")
+    parent = tracker.start_sweep("watched", {"name": "watched"}, trials=EXPECTED)
+
+    def run(t: dict) -> str:
+        return tracker.trial_run(parent, t["trial_id"], tags={}, params=t)
+
+    # rte-kd-a: finished, the better kd; rte-kd-b: finished, worse; rte-ikd-a: failed;
+    # rte-ikd-b: still running, one evaluation so far; wnli-kd-a: not started.
+    for t, sel in ((EXPECTED[0], (0.71, 0.66)), (EXPECTED[1], (0.64, 0.69))):
+        rid = run(t)
+        tracker.log_metrics(rid, {"sel/val_main": sel[0], "sel/dev_main": sel[1]}, 10)
+        tracker.finish_trial(rid, "FINISHED", final_metrics={"sel/val_main": sel[0]})
+    tracker.finish_trial(run(EXPECTED[2]), "FAILED", error="ValueError: boom")
+    rid = run(EXPECTED[3])
+    tracker.client.log_metric(rid, "sel/val_main", 0.55, step=4)
+    tracker.client.log_metric(rid, "sel/dev_main", 0.5, step=4)
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cli = CliRunner()
+    out = cli.invoke(app, ["status", "--sweep", "watched", "--home", str(home)])
+    assert out.exit_code == 0, out.output
+    assert ("watched [RUNNING]: 2/5 done, 1 running, 1 failed, 0 stopped, 1 pending"
+            in out.output)
+    rows = {line.split()[0]: line for line in out.output.splitlines() if line.strip()}
+    assert "0.7100 (dev 0.6600)" in rows["rte"]  # the best sel/val_main, not the best dev
+    assert "0.5500 (dev 0.5000)" in rows["rte"]  # a running trial's selection so far
+    assert "0.69" not in out.output
+    # Without --sweep: the latest sweep; an unknown name is bad input that names the sweeps.
+    assert "watched [RUNNING]" in cli.invoke(app, ["status", "--home", str(home)]).output
+    bad = cli.invoke(app, ["status", "--sweep", "nope", "--home", str(home)])
+    assert bad.exit_code == 2 and "sweeps there: watched" in bad.output
+    # A folder without a store is reported, not created.
+    empty = cli.invoke(app, ["status", "--home", str(tmp_path / "none")])
+    assert empty.exit_code == 2 and "no tracking store" in empty.output
+    assert not (tmp_path / "none" / "mlflow.db").exists()
+
+
+def test_live_view_prints_teacher_epochs_counts_and_new_bests():
+    buf, now = io.StringIO(), [0.0]
+    view = SweepView("demo", 3, console=Console(file=buf, width=200), clock=lambda: now[0])
+    view.expect([SimpleNamespace(trial_id=t["trial_id"], task=t["task"], method=t["method"])
+                 for t in EXPECTED[:3]])
+
+    def result(tid: str, kind: str, **m) -> None:
+        report = {"kind": kind, "step": 1, "time_ms": 0, "metrics": m}
+        view.on_trial_result(trial=SimpleNamespace(config={"trial_id": tid}),
+                             result={"ikd": report})
+
+    a, b, c = (SimpleNamespace(config={"trial_id": t["trial_id"]}) for t in EXPECTED[:3])
+    with view:
+        view.on_trial_start(trial=a)
+        result("rte-kd-a", "teacher", task="rte", seed=1, epoch=1, epochs=3, dev_main=0.61)
+        view.on_trial_start(trial=b)
+        now[0] = 10.0
+        result("rte-kd-a", "final", **{"sel/val_main": 0.7, "sel/dev_main": 0.65})
+        view.on_trial_complete(trial=a)
+        view.on_trial_complete(trial=b)  # no final report: stopped early
+        view.on_trial_start(trial=c)
+        view.on_trial_error(trial=c)
+    lines = buf.getvalue().splitlines()
+    assert "teacher rte seed 1: epoch 1/3, dev 0.6100" in lines
+    assert any(line.startswith("demo: 0/3 done, 2 running, 0 failed, 0 stopped, 1 pending")
+               for line in lines)
+    assert any("| new best rte/kd 0.7000 (dev 0.6500)" in line for line in lines)
+    assert lines[-1].startswith("demo: 1/3 done, 0 running, 1 failed, 1 stopped, 0 pending")
+    assert "\x1b[" not in buf.getvalue()  # no ANSI codes when the output is not a terminal
+
+
+def test_eta_uses_finished_durations_and_concurrency():
+    assert estimate_eta([], [5.0], 3, 2) is None
+    # 2 pending x 100 s + (100 - 40) s left of a running one, on 2 slots
+    assert estimate_eta([80.0, 120.0], [40.0], 2, 2) == pytest.approx(130.0)
+
+
+def test_train_shows_its_total_and_tags_runs_with_code_and_device(tmp_path: Path, glue_dir):
+    cfg = {
+        "name": "tagged", "tasks": ["wnli"], "methods": ["finetune"],
+        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "max_length": 32,
+                 "max_train_samples": 64, "max_eval_samples": 32},
+        "teacher": {"model": "minilm", "init": "random", "config": TINY},
+        "student": {"model": "minilm", "init": "random", "config": TINY},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_every": 2, "log_every": 1},
+        "search": {"temperature": [2], "seeds": [1]},
+    }
+    (tmp_path / "tagged.yaml").write_text(yaml.safe_dump(cfg))
+    home = tmp_path / "home"
+    env = {**os.environ, "IKD_SWEEP_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # Launched outside the checkout: the commit is the package's, not the working folder's.
+    p = subprocess.run([sys.executable, "-m", "ikd_sweep.cli", "train", "tagged.yaml",
+                        "--task", "wnli", "--method", "finetune", "--device", "cpu"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    steps = json.loads(p.stdout)["steps"]
+    assert f"{steps}/{steps}" in p.stderr  # the bar knew its total
+
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("tagged")
+    assert exp.tags[TAG.EXPERIMENT_KIND] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2  # the `tagged-train` parent and the trial
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    for r in runs:
+        tags = r.data.tags
+        assert tags["mlflow.source.git.commit"] == tags[TAG.GIT] == sha
+        assert tags[TAG.GIT_DIRTY] in ("true", "false")
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.name"] == "ikd-sweep train"
+        assert tags["mlflow.user"]
+        for lib in ("torch", "transformers", "ray", "mlflow"):
+            assert tags[f"ikd.lib.{lib}"][0].isdigit()
+    (child,) = [r for r in runs if r.data.tags.get(TAG.ROLE) == "trial"]
+    assert child.data.tags[TAG.DEVICE] == "cpu" and child.data.tags[TAG.GPU] == "none"
+
+
+def test_a_sweep_prints_the_view_not_ray_and_status_reads_it_back(tmp_path, monkeypatch):
+    from test_sweep import run_cli, runs_of, sweep_file
+
+    home = tmp_path / "home"
+    sweep = sweep_file(tmp_path, "quiet", tasks=["wnli"], methods=["finetune"])
+    p = run_cli(["run", str(sweep)], home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert "quiet: 1/1 done, 0 running, 0 failed, 0 stopped, 0 pending" in p.stderr
+    assert "new best wnli/finetune" in p.stderr
+    # Ray's own chatter is off: no trial tables, config boxes, checkpoint lines, hints, ANSI.
+    for noise in ("Trial status", "Checkpoint successfully created", "TensorBoard",
+                  "Configuration for experiment", "\x1b["):
+        assert noise not in out, noise
+    assert len(out.splitlines()) < 25, out
+    _, (child,) = runs_of(home, "quiet")
+    assert child.data.tags[TAG.DEVICE] == "cpu"  # the worker's report, tagged by the driver
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    status = CliRunner().invoke(app, ["status", "--home", str(home)])
+    assert status.exit_code == 0, status.output
+    assert "quiet [FINISHED]: 1/1 done, 0 running, 0 failed, 0 stopped, 0 pending" in \
+        status.output
