@@ -16,6 +16,7 @@ the command restores each Tuner; a trial whose MLflow run is FINISHED is never t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +33,17 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Repeater, Searcher
+from ray.tune.search.repeater import TRIAL_INDEX
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.trials import (
+    Study,
     Trial,
     confirm_trials,
     expand_trials,
     flat_params,
+    optuna_studies,
     trial_record,
     trial_seed,
 )
@@ -50,6 +56,9 @@ _log = logging.getLogger(__name__)
 REPORT = "ikd"  # a trial's report: {"ikd": {"kind", "step", "time_ms", "metrics"|"error"}}
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
 EVALS = "ikd_evals"  # evaluations so far: ASHA's time axis (evaluation reports only)
+# What search.algorithm optuna maximises, top level in a trial's final report: the selection
+# metric of the comparison protocol (selection data), never dev.
+OBJECTIVE = "sel/val_main"
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -90,7 +99,8 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
     if config["trial_id"] in done:  # FINISHED in MLflow already: never train it twice
         _report({"kind": "recorded", "step": 0, "metrics": {}}, {DONE_KEY: 1})
         return
-    trial = Trial.from_dict(trials[config["trial_id"]])
+    # An optuna trial is not in `trials` (chosen during the run): its config is its Trial.
+    trial = Trial.from_dict(trials.get(config["trial_id"]) or config)
     ckpt = tune.get_checkpoint()
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
@@ -106,8 +116,10 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    objective = final.get(OBJECTIVE)
     _report({"kind": "final", "step": int(final.get("steps", 0)), "metrics": final},
-            {DONE_KEY: 1})
+            {DONE_KEY: 1, **({OBJECTIVE: objective} if objective is not None
+                             and math.isfinite(objective) else {})})
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -286,14 +298,17 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
     # Confirmation trials, once worked out, are part of the sweep: never chosen a second time.
     recorded = [d for d in tracker.expected_trials(parent) if d.get("phase") == "confirm"]
     confirm = _confirmations(sweep, recorded) if sweep.search.confirm_seeds else []
-    tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
+    tracker.set_expected_trials(parent, _keep_suggested(tracker, parent, search + confirm))
     out = SweepOutcome(parent_run_id=parent)
     init_ray(address)
     _run_phase(sweep, search, home, storage, tracker, parent, out, verbose)
+    if not out.interrupted:
+        _run_studies(sweep, home, storage, tracker, parent, out, verbose)
     if sweep.search.confirm_seeds and not out.interrupted:
         if not confirm:
             confirm = _confirmations(sweep, selected_settings(sweep, tracker.tracking_uri))
-            tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
+            tracker.set_expected_trials(parent, _keep_suggested(tracker, parent,
+                                                                search + confirm))
         out.confirm = [t.trial_id for t in confirm]
         _run_phase(sweep, confirm, home, storage / "confirm", tracker, parent, out, verbose)
     try:
@@ -310,6 +325,8 @@ def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Pat
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int) -> None:
     from ikd_sweep.tracking import trial_tags
 
+    if not trials:  # e.g. an optuna sweep without fixed settings: _run_studies runs it all
+        return
     res = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
     prep = ray.remote(_prepare_teacher).options(num_cpus=res["CPU"], num_gpus=res["GPU"],
                                                 max_retries=sweep.max_failures)
@@ -414,6 +431,190 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
             if run and run["status"] == "RUNNING":
                 tracker.finish_trial(run["run_id"], "KILLED",
                                      error="stopped early by the asha scheduler")
+        else:
+            interrupted = True
+    out.interrupted = out.interrupted or interrupted
+
+
+# ------------------------------------------------------------------ search.algorithm: optuna
+# One Tuner per Study (a searched (task, method), see trials.optuna_studies), after the fixed
+# trials of the search phase, under <home>/ray/<sweep>/<study name>. The searcher chain is
+# _SeedRepeater(_Distinct(OptunaSearch)); Tune checkpoints each link's state with the
+# experiment, so Tuner.restore resumes the search where it stopped.
+
+SUGGESTED = "suggested"  # marks a trial in trials.json that a searcher chose during the run
+_REDRAWS = 100  # repeats in a row after which a study's space counts as exhausted
+
+
+class _Distinct(Searcher):
+    """Between the Repeater and OptunaSearch: a suggestion that rounds to a setting already
+    suggested (small integer ranges) is told back as pruned and drawn again, so a trial id
+    never repeats; after `_REDRAWS` repeats in a row the study ends with fewer settings."""
+
+    def __init__(self, searcher: Searcher, study: Study) -> None:
+        self.searcher, self.study = searcher, study
+        self._inner: dict[str, str] = {}  # Tune's trial id -> the id the searcher knows
+        self._seen: set[str] = set()
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        for k in range(_REDRAWS):
+            inner = trial_id if k == 0 else f"{trial_id}~{k}"
+            config = self.searcher.suggest(inner)
+            if not isinstance(config, dict):
+                return config
+            key = self.study.trial(config, 0).trial_id
+            if key not in self._seen:
+                self._seen.add(key)
+                self._inner[trial_id] = inner
+                return config
+            self.searcher.on_trial_complete(inner, result=None)  # pruned: it learns nothing
+        _log.warning("optuna: %s has no new setting after %d draws; it ends with %d settings",
+                     self.study.name, _REDRAWS, len(self._seen))
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        self.searcher.on_trial_complete(self._inner.pop(trial_id, trial_id), result=result,
+                                        error=error)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+    def get_state(self) -> dict:
+        return {"_inner": self._inner, "_seen": self._seen}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class _SeedRepeater(Repeater):
+    """Ray Tune's Repeater with repeat i run on sweep seed `seeds[i]`: the searcher sees the
+    mean of OBJECTIVE over a setting's seeds (nanmean: a failed seed leaves it out). A trial's
+    config is its Trial's dict, trial id included, so it is tracked like a grid trial."""
+
+    def __init__(self, searcher: Searcher, study: Study, seeds: list[int]) -> None:
+        super().__init__(searcher, repeat=len(seeds))
+        self.study, self.seeds = study, list(seeds)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config
+        seed = self.seeds[config.pop(TRIAL_INDEX)]
+        return self.study.trial(config, seed).to_dict()
+
+
+def optuna_searcher(sweep: SweepConfig, study: Study) -> Searcher:
+    """The search algorithm of one study: Optuna's TPE (seeded by sweep and study) over the
+    study's ranges, temperature uniform, teacher_lr log-uniform, exam_every integers, each
+    suggested setting repeated on every seed of `search.seeds`."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {h: IntDistribution(int(lo), int(hi)) if h == "exam_every"
+             else FloatDistribution(lo, hi, log=h == "teacher_lr")
+             for h, lo, hi in study.ranges}
+    seed = zlib.crc32(f"{sweep.name}/{study.name}/{sweep.train.seed_base}".encode())
+    inner = OptunaSearch(space=space, metric=OBJECTIVE, mode="max", seed=seed)
+    return _SeedRepeater(_Distinct(inner, study), study, sweep.search.seeds)
+
+
+def _keep_suggested(tracker: SweepTracker, parent: str, planned: list[Trial]) -> list[dict]:
+    """`planned` as trials.json entries, plus the suggested trials recorded so far, which a
+    rewrite of the plan must not forget."""
+    ids = {t.trial_id for t in planned}
+    kept = [d for d in tracker.expected_trials(parent)
+            if d.get(SUGGESTED) and d["trial_id"] not in ids]
+    return [t.to_dict() for t in planned] + kept
+
+
+class _SuggestedTracking(TrackingCallback):
+    """TrackingCallback for trials a searcher chooses: each is added to trials.json (the
+    report's plan) and gets its MLflow run when it starts."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tid = trial.config["trial_id"]
+        if tid not in self.trials:
+            self.trials[tid] = Trial.from_dict(trial.config)
+            entries = self.tracker.expected_trials(self.parent)
+            if tid not in {d.get("trial_id") for d in entries}:
+                self.tracker.set_expected_trials(
+                    self.parent, [*entries, {**self.trials[tid].to_dict(), SUGGESTED: True}])
+        super().on_trial_start(iteration, trials, trial, **info)
+
+
+def _run_studies(sweep: SweepConfig, home: Path, storage: Path, tracker: SweepTracker,
+                 parent: str, out: SweepOutcome, verbose: int) -> None:
+    splits: dict[str, dict] = {}
+    for study in optuna_studies(sweep):
+        if out.interrupted:
+            return
+        if study.task not in splits:
+            splits[study.task] = _tokenized(sweep, study.task, str(home))
+        _run_study(sweep, study, home, storage / study.name, tracker, parent, out, verbose,
+                   splits[study.task])
+
+
+def _run_study(sweep: SweepConfig, study: Study, home: Path, path: Path,
+               tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
+               splits: dict | None) -> None:
+    """`_run_tuner` for one optuna study: num_samples x seeds trials chosen by the searcher;
+    a trial whose MLflow run is FINISHED is never trained again."""
+    done = frozenset(r["trial_id"] for r in tracker.child_runs(parent)
+                     if r["status"] == "FINISHED")
+    callback = _SuggestedTracking(tracker, parent, sweep, {}, done)
+    fn = tune.with_parameters(trainable, sweep=sweep, home=str(home), done=done, trials={},
+                              splits=splits)
+    fn = tune.with_resources(fn, {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu})
+    global _live
+    _live = callback
+    if tune.Tuner.can_restore(str(path)):  # the searcher's state comes back with the Tuner
+        tuner = tune.Tuner.restore(str(path), fn, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            fn,
+            param_space={},  # the searcher's own space (optuna distributions)
+            tune_config=tune.TuneConfig(
+                search_alg=optuna_searcher(sweep, study),
+                num_samples=sweep.search.num_samples * len(sweep.search.seeds),
+                max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=True,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=path.name, storage_path=str(path.parent), verbose=verbose,
+                callbacks=[_Forward()],
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    previous = signal.signal(signal.SIGINT, _interrupt_sentinel)
+    try:
+        grid = tuner.fit()
+    finally:
+        interrupted = signal.getsignal(signal.SIGINT) is _interrupt_sentinel
+        signal.signal(signal.SIGINT, previous)
+    try:
+        runs = {r["trial_id"]: r for r in tracker.child_runs(parent)}
+    except Exception as exc:  # the tracking server is down: the outcome is Tune's alone
+        _log.warning("MLflow: could not read the trials' runs: %s", exc)
+        runs = {}
+    for result in grid:
+        t = Trial.from_dict(result.config)  # a suggested trial always has its config
+        m, run = result.metrics or {}, runs.get(t.trial_id)
+        if result.error is not None:
+            out.failed[t.trial_id] = (callback.errors.get(t.trial_id)
+                                      or (run or {}).get("error") or str(result.error))
+        elif m.get(DONE_KEY):
+            out.finished.append(t.trial_id)
+            final = (m.get(REPORT) or {}).get("metrics")
+            if run and run["status"] != "FINISHED" and final:
+                tracker.finish_trial(run["run_id"], "FINISHED", final_metrics=final,
+                                     trial_config=trial_record(sweep, t))
         else:
             interrupted = True
     out.interrupted = out.interrupted or interrupted
