@@ -28,7 +28,9 @@ from ikd_sweep.trials import (
     Trial,
     expand_trials,
     flat_params,
+    optuna_studies,
     pick_trial,
+    planned_trial_count,
     trial_record,
 )
 
@@ -66,12 +68,25 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _optuna_note(cfg: SweepConfig) -> str | None:
+    """The trials of an optuna sweep that are not known up front, in one line."""
+    studies = optuna_studies(cfg)
+    if not studies:
+        return None
+    spaces = dict.fromkeys(
+        f"{st.method}{'-control' if st.name.endswith('-control') else ''} "
+        + ", ".join(f"{h} {lo:g}..{hi:g}" for h, lo, hi in st.ranges) for st in studies)
+    return (f"optuna: {cfg.search.num_samples} settings x {len(cfg.search.seeds)} seeds per "
+            f"(task, method), chosen during the run ({len(studies)} searches: "
+            f"{'; '.join(spaces)})")
+
+
 @app.command(epilog="Example: ikd-sweep validate sweeps/demo.yaml --set train.epochs=1")
 def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     """Check a sweep file; print its trial count and the expanded search space."""
     cfg = _load(sweep, set_)
     trials = expand_trials(cfg)
-    table = Table(title=f"{cfg.name}: {len(trials)} trials")
+    table = Table(title=f"{cfg.name}: {planned_trial_count(cfg)} trials")
     for col in ("task", "method", "trials", *HPARAMS, "seeds"):
         table.add_column(col)
     groups: dict[tuple[str, str], list[Trial]] = {}
@@ -84,8 +99,11 @@ def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     for (task, method), ts in groups.items():
         table.add_row(task, method, str(len(ts)), *(vals(ts, h) for h in HPARAMS),
                       vals(ts, "seed"))
-    console.print(table)
-    console.print(f"{sweep}: valid, {len(trials)} trials")
+    if trials:
+        console.print(table)
+    if note := _optuna_note(cfg):
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{sweep}: valid, {planned_trial_count(cfg)} trials")
 
 
 TrackingOpt = Annotated[str | None, typer.Option(
@@ -239,7 +257,7 @@ def _confirm_plan(cfg: SweepConfig) -> list[tuple[str, str, int]]:
     # The confirmation phase re-runs the setting the report selects per (task, method), which
     # the search decides: list it as "selected setting x confirm seeds".
     labels = list(cfg.methods)
-    if "ikd" in labels and 0 in cfg.search.teacher_lr and cfg.search.algorithm == "grid":
+    if "ikd" in labels and 0 in cfg.search.teacher_lr and cfg.search.algorithm != "random":
         labels.append("ikd-control")
     return [(task, m, seed) for task in cfg.tasks for m in labels
             for seed in cfg.search.confirm_seeds]
@@ -249,10 +267,13 @@ def _print_trials(cfg: SweepConfig) -> None:
     # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
     trials = expand_trials(cfg)
     confirm = _confirm_plan(cfg)
-    width = max(len(t.trial_id) for t in trials)
-    phases = (f" ({len(trials)} search, {len(confirm)} confirm)" if confirm else "")
-    print(f"{cfg.name}: {len(trials) + len(confirm)} trials{phases} "
+    width = max((len(t.trial_id) for t in trials), default=24)
+    n_search = planned_trial_count(cfg)
+    phases = (f" ({n_search} search, {len(confirm)} confirm)" if confirm else "")
+    print(f"{cfg.name}: {n_search + len(confirm)} trials{phases} "
           "(dry run: nothing was started)")
+    if note := _optuna_note(cfg):
+        print(note)
     print(f"{'trial_id':<{width}}  {'task':<8} {'method':<8} {'seed':>4} {'T':>6} {'E':>4} "
           f"{'teacher_lr':>10}  phase")
     for t in trials:
@@ -318,7 +339,7 @@ def run(
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
     tracker = SweepTracker(uri, cfg.experiment)
-    n = len(expand_trials(cfg))
+    n = planned_trial_count(cfg)
     confirm = (f" + confirmation on seeds {cfg.search.confirm_seeds}"
                if cfg.search.confirm_seeds else "")
     err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root}; tracking {uri}")

@@ -119,7 +119,10 @@ class SearchConfig(_Strict):
     # grid: every combination. random: num_samples points per (task, method) drawn from the
     # ranges the lists span (log-uniform over the positive teacher_lr values; a listed 0 adds
     # a teacher_lr 0 control twin of every drawn ikd point), each run with every seed.
-    algorithm: Literal["grid", "random"] = "grid"
+    # optuna: Optuna's TPE proposes num_samples settings per (task, method) in those ranges,
+    # each run on every seed, learning from the mean sel/val_main over seeds; a listed
+    # teacher_lr 0 gets its own search (ikd-control: temperature, exam_every), same budget.
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
     num_samples: PositiveInt = 1
     scheduler: Literal["none", "asha"] = "none"
 
@@ -145,6 +148,18 @@ class SearchConfig(_Strict):
         if reused:
             raise ValueError(f"search.confirm_seeds must be fresh seeds; {reused} also in "
                              "search.seeds")
+        return self
+
+    @model_validator(mode="after")
+    def _optuna_without_asha(self) -> SearchConfig:
+        if self.algorithm == "optuna" and self.scheduler == "asha":
+            # The searcher learns a setting's mean over its seeds' sel/val_main, which a
+            # trial stopped early does not have.
+            raise PydanticCustomError(
+                "optuna_asha",
+                "scheduler asha cannot be combined with algorithm optuna (the searcher needs "
+                "every seed's final sel/val_main); use scheduler: none, or algorithm grid or "
+                "random with asha", {"field": "search.scheduler"})
         return self
 
 

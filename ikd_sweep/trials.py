@@ -81,6 +81,17 @@ def _method_trial(task: str, method: str, seed: int, setting: Mapping[str, Any],
     return Trial(task, method, seed, **values, phase=phase)
 
 
+def round_value(h: str, value: float) -> float | int:
+    """A drawn value as trials use it: exam_every an integer, teacher_lr to 3 significant
+    digits, temperature to 3 decimals; so a trial id (and the report's grouping) names the
+    setting that ran, and the seeds of one drawn setting share it exactly."""
+    if h == "exam_every":
+        return int(round(value))
+    if h == "teacher_lr":
+        return float(f"{value:.3g}")
+    return round(float(value), 3)
+
+
 def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dict[str, Any]]:
     """The search points of a method, each naming only the hyperparameters it uses."""
     s = cfg.search
@@ -97,8 +108,8 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
         if h == "exam_every":
             return rng.randint(lo, hi)
         if h == "teacher_lr":  # log-uniform
-            return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
-        return round(rng.uniform(lo, hi), 3)
+            return round_value(h, math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        return round_value(h, rng.uniform(lo, hi))
 
     n = s.num_samples if used else 1
     points = []
@@ -114,12 +125,78 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
     return [dict(p) for p in dict.fromkeys(points)]  # a repeated draw is one trial, not two
 
 
+@dataclass(frozen=True)
+class Study:
+    """One (task, method) searched by `search.algorithm: optuna`: the searcher varies the
+    hyperparameters of `ranges` (name, low, high: the range the sweep's list spans) and holds
+    those of `fixed` (a list of one value; teacher_lr 0 for the control's own search)."""
+
+    task: str
+    method: str
+    ranges: tuple[tuple[str, float, float], ...]
+    fixed: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def name(self) -> str:
+        control = dict(self.fixed).get("teacher_lr") == 0
+        return f"{self.task}-{self.method}" + ("-control" if control else "")
+
+    def trial(self, suggestion: Mapping[str, float], seed: int) -> Trial:
+        """The trial of a suggested setting on sweep seed `seed` (grid's id format)."""
+        point = {**dict(self.fixed), **{h: round_value(h, suggestion[h]) for h, *_ in self.ranges}}
+        return _method_trial(self.task, self.method, seed, point)
+
+
+def _optuna_spaces(cfg: SweepConfig, method: str) -> list[Study]:
+    """A method's searches on task "" (see `optuna_studies`); a Study without ranges is a
+    fixed setting (finetune, or lists of one value), which runs as grid trials."""
+    s = cfg.search
+    used = METHOD_HPARAMS[method]
+    # The control (teacher_lr 0) is not the end of a range: it gets a search of its own.
+    lr_lists = [[lr for lr in s.teacher_lr if lr > 0], [0.0] if 0 in s.teacher_lr else []]
+    studies = []
+    for lrs in [v for v in lr_lists if v] if "teacher_lr" in used else [None]:
+        ranges, fixed = [], []
+        for h in used:
+            values = lrs if h == "teacher_lr" else getattr(s, h)
+            lo, hi = min(values), max(values)
+            if lo == hi:
+                fixed.append((h, lo))
+            else:
+                ranges.append((h, lo, hi))
+        studies.append(Study("", method, tuple(ranges), tuple(fixed)))
+    return studies
+
+
+def optuna_studies(cfg: SweepConfig) -> list[Study]:
+    """The (task, method) searches of an optuna sweep; each proposes `num_samples` settings,
+    each run on every seed. Empty for grid and random sweeps."""
+    if cfg.search.algorithm != "optuna":
+        return []
+    return [Study(task, st.method, st.ranges, st.fixed) for task in cfg.tasks
+            for method in cfg.methods for st in _optuna_spaces(cfg, method) if st.ranges]
+
+
+def planned_trial_count(cfg: SweepConfig) -> int:
+    """How many search-phase trials the sweep will run: with optuna the suggested ones are
+    not known up front, but their number is (num_samples x seeds per study)."""
+    per_study = cfg.search.num_samples * len(cfg.search.seeds)
+    return len(expand_trials(cfg)) + len(optuna_studies(cfg)) * per_study
+
+
 def expand_trials(cfg: SweepConfig) -> list[Trial]:
-    """All search trials of a sweep, without duplicates, in a stable order (task, method,
-    point, seed)."""
+    """All search trials of a sweep known up front, without duplicates, in a stable order
+    (task, method, point, seed). With optuna: only the fixed settings (finetune, lists of one
+    value); the searched ones are chosen during the run (`optuna_studies`)."""
     trials: list[Trial] = []
     for task in cfg.tasks:
         for method in cfg.methods:
+            if cfg.search.algorithm == "optuna":
+                for st in _optuna_spaces(cfg, method):
+                    if not st.ranges:
+                        trials += [_method_trial(task, method, seed, dict(st.fixed))
+                                   for seed in cfg.search.seeds]
+                continue
             # The random draw is seeded by the sweep, so a resumed sweep expands identically.
             rng = random.Random(f"{cfg.name}/{task}/{method}/{cfg.train.seed_base}")
             for point in _hyper_points(cfg, method, rng):

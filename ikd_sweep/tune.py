@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +40,18 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Repeater, Searcher
+from ray.tune.search.repeater import TRIAL_INDEX
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.files import sweep_lock
 from ikd_sweep.trials import (
+    Study,
     Trial,
     confirm_trials,
     expand_trials,
     flat_params,
+    optuna_studies,
     trial_record,
 )
 
@@ -57,6 +63,9 @@ _log = logging.getLogger(__name__)
 REPORT = "ikd"  # a trial's report: {"ikd": {"kind", "step", "time_ms", "metrics"|"error"}}
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
 EVALS = "ikd_evals"  # evaluations so far: ASHA's time axis (evaluation reports only)
+# What search.algorithm optuna maximises, top level in a trial's final report: the selection
+# metric of the comparison protocol (selection data), never dev.
+OBJECTIVE = "sel/val_main"
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -137,7 +146,8 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
 
     # The driver cannot see the worker's hardware: the trial says where it trains.
     _report({"kind": "device", "step": 0, "device": describe_device(pick_device())})
-    trial = Trial.from_dict(trials[config["trial_id"]])
+    # An optuna trial is not in `trials` (chosen during the run): its config is its Trial.
+    trial = Trial.from_dict(trials.get(config["trial_id"]) or config)
     ckpt = tune.get_checkpoint()
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
@@ -154,8 +164,10 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    objective = final.get(OBJECTIVE)
     _report({"kind": "final", "step": int(final.get("steps", 0)), "metrics": final},
-            {DONE_KEY: 1})
+            {DONE_KEY: 1, **({OBJECTIVE: objective} if objective is not None
+                             and math.isfinite(objective) else {})})
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -475,14 +487,17 @@ def _run_sweep(sweep: SweepConfig, home: Path, tracker: SweepTracker, restart: b
         # Confirmation trials, once worked out, are part of the sweep: never chosen again.
         recorded = [d for d in tracker.expected_trials(parent) if d.get("phase") == "confirm"]
         confirm = _confirmations(sweep, recorded) if sweep.search.confirm_seeds else []
-        tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
+        tracker.set_expected_trials(parent, _keep_suggested(tracker, parent, search + confirm))
         # Teacher failures are remembered for this run only: the next run retries them.
         attempt = f"{os.getpid()}-{time.time_ns()}"
         _run_phase(sweep, search, home, storage, tracker, parent, out, verbose, attempt)
+        if not out.interrupted:
+            _run_studies(sweep, home, storage, tracker, parent, out, verbose, attempt)
         if sweep.search.confirm_seeds and not out.interrupted:
             if not confirm:
                 confirm = _confirmations(sweep, selected_settings(sweep, tracker.tracking_uri))
-                tracker.set_expected_trials(parent, [t.to_dict() for t in search + confirm])
+                tracker.set_expected_trials(parent, _keep_suggested(tracker, parent,
+                                                                    search + confirm))
             out.confirm = [t.trial_id for t in confirm]
             _run_phase(sweep, confirm, home, storage / "confirm", tracker, parent, out,
                        verbose, attempt)
@@ -519,6 +534,8 @@ def _grid_order(trials: list[Trial]) -> list[Trial]:
 def _run_phase(sweep: SweepConfig, trials: list[Trial], home: Path, storage: Path,
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
                attempt: str) -> None:
+    if not trials:  # e.g. an optuna sweep without fixed settings: _run_studies runs it all
+        return
     # Only the search phase is early-stopped: a confirmation run is the measurement itself.
     asha = sweep.search.scheduler == "asha" and trials[0].phase == "search"
     for task in sweep.tasks:
@@ -564,8 +581,9 @@ def _unreadable(path: Path) -> str | None:
 
 
 def _restore(path: Path, fn: Any, ids: list[str]) -> tune.Tuner | None:
-    """The Tuner saved at `path` if it can be read and holds exactly these trials, else None
-    (with the state set aside)."""
+    """The Tuner saved at `path` if it can be read and holds exactly these trials (for an
+    optuna study: its name), else None (with the state set aside). A searcher's state comes
+    back with its Tuner."""
     record = path.with_name(f".{path.name}.trials.json")
     if not path.exists():
         return None
@@ -587,11 +605,15 @@ def _restore(path: Path, fn: Any, ids: list[str]) -> tune.Tuner | None:
 
 def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                tracker: SweepTracker, parent: str, out: SweepOutcome, verbose: int,
-               splits: dict | None, asha: bool, attempt: str) -> None:
+               splits: dict | None, asha: bool, attempt: str, study: Study | None = None
+               ) -> None:
+    """One Tuner: a grid over `trials`, or (`study`) num_samples x seeds trials an optuna
+    searcher chooses; a trial whose MLflow run is FINISHED is never trained again."""
     by_id = {t.trial_id: t for t in trials}
     done = frozenset(r["trial_id"] for r in tracker.child_runs(parent)
-                     if r["status"] == "FINISHED" and r["trial_id"] in by_id)
-    callback = TrackingCallback(tracker, parent, sweep, by_id, done)
+                     if r["status"] == "FINISHED" and (study or r["trial_id"] in by_id))
+    callback = (_SuggestedTracking if study else TrackingCallback)(tracker, parent, sweep,
+                                                                    by_id, done)
     fn = tune.with_parameters(trainable, sweep=sweep, home=str(home), done=done,
                               trials={k: t.to_dict() for k, t in by_id.items()}, splits=splits,
                               attempt=attempt)
@@ -605,8 +627,18 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
     for listener in _listeners:
         if hasattr(listener, "expect"):
             listener.expect(trials)
-    tuner = _restore(path, fn, list(by_id))
-    if tuner is None:
+    tuner = _restore(path, fn, [f"optuna:{study.name}"] if study else list(by_id))
+    if tuner is None and study is not None:
+        tuner = tune.Tuner(
+            fn,
+            param_space={},  # the searcher's own space (optuna distributions)
+            tune_config=tune.TuneConfig(
+                search_alg=optuna_searcher(sweep, study),
+                num_samples=sweep.search.num_samples * len(sweep.search.seeds),
+                max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=True,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=run_config)
+    elif tuner is None:
         scheduler = ASHAScheduler(time_attr=EVALS, grace_period=2, reduction_factor=2) \
             if asha else None
         tuner = tune.Tuner(
@@ -622,8 +654,10 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                 trial_dirname_creator=_trial_name),
             run_config=run_config,
         )
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_name(f".{path.name}.trials.json").write_text(json.dumps(list(by_id)))
+        path.with_name(f".{path.name}.trials.json").write_text(
+            json.dumps([f"optuna:{study.name}"] if study else list(by_id)))
     # Ray swaps in its own SIGINT handler during fit and puts the previous one back after the
     # first Ctrl-C; finding our sentinel back afterwards means the user interrupted the sweep.
     previous = signal.signal(signal.SIGINT, _interrupt_sentinel)
@@ -640,8 +674,10 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
     for i in range(len(grid)):
         try:
             result = grid[i]
-            # A trial that never started has no config; its folder is named after it.
-            t = by_id[(result.config or {}).get("trial_id") or Path(result.path).name]
+            # A trial that never started has no config; its folder is named after it. A
+            # searcher's trial always has its config: its Trial's dict.
+            t = (by_id.get((result.config or {}).get("trial_id") or Path(result.path).name)
+                 or Trial.from_dict(result.config))
             m, run, error = result.metrics or {}, runs.get(t.trial_id), result.error
         except Exception as exc:  # e.g. an error.pkl Ray could not write in full
             _log.warning("Tune: result %d of %s unreadable: %s", i, path.name, exc)
@@ -664,3 +700,130 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
         else:
             interrupted = True
     out.interrupted = out.interrupted or interrupted
+
+
+# ------------------------------------------------------------------ search.algorithm: optuna
+# One Tuner per Study (a searched (task, method), see trials.optuna_studies), after the fixed
+# trials of the search phase, under <home>/ray/<sweep>/<study name>. The searcher chain is
+# _SeedRepeater(_Distinct(OptunaSearch)); Tune checkpoints each link's state with the
+# experiment, so Tuner.restore resumes the search where it stopped.
+
+SUGGESTED = "suggested"  # marks a trial in trials.json that a searcher chose during the run
+_REDRAWS = 100  # repeats in a row after which a study's space counts as exhausted
+
+
+class _Distinct(Searcher):
+    """Between the Repeater and OptunaSearch: a suggestion that rounds to a setting already
+    suggested (small integer ranges) is told back as pruned and drawn again, so a trial id
+    never repeats; after `_REDRAWS` repeats in a row the study ends with fewer settings."""
+
+    def __init__(self, searcher: Searcher, study: Study) -> None:
+        self.searcher, self.study = searcher, study
+        self._inner: dict[str, str] = {}  # Tune's trial id -> the id the searcher knows
+        self._seen: set[str] = set()
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        for k in range(_REDRAWS):
+            inner = trial_id if k == 0 else f"{trial_id}~{k}"
+            config = self.searcher.suggest(inner)
+            if not isinstance(config, dict):
+                return config
+            key = self.study.trial(config, 0).trial_id
+            if key not in self._seen:
+                self._seen.add(key)
+                self._inner[trial_id] = inner
+                return config
+            self.searcher.on_trial_complete(inner, result=None)  # pruned: it learns nothing
+        _log.warning("optuna: %s has no new setting after %d draws; it ends with %d settings",
+                     self.study.name, _REDRAWS, len(self._seen))
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        self.searcher.on_trial_complete(self._inner.pop(trial_id, trial_id), result=result,
+                                        error=error)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+    def get_state(self) -> dict:
+        return {"_inner": self._inner, "_seen": self._seen}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class _SeedRepeater(Repeater):
+    """Ray Tune's Repeater with repeat i run on sweep seed `seeds[i]`: the searcher sees the
+    mean of OBJECTIVE over a setting's seeds (nanmean: a failed seed leaves it out). A trial's
+    config is its Trial's dict, trial id included, so it is tracked like a grid trial."""
+
+    def __init__(self, searcher: Searcher, study: Study, seeds: list[int]) -> None:
+        super().__init__(searcher, repeat=len(seeds))
+        self.study, self.seeds = study, list(seeds)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config
+        seed = self.seeds[config.pop(TRIAL_INDEX)]
+        return self.study.trial(config, seed).to_dict()
+
+
+def optuna_searcher(sweep: SweepConfig, study: Study) -> Searcher:
+    """The search algorithm of one study: Optuna's TPE (seeded by sweep and study) over the
+    study's ranges, temperature uniform, teacher_lr log-uniform, exam_every integers, each
+    suggested setting repeated on every seed of `search.seeds`."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {h: IntDistribution(int(lo), int(hi)) if h == "exam_every"
+             else FloatDistribution(lo, hi, log=h == "teacher_lr")
+             for h, lo, hi in study.ranges}
+    seed = zlib.crc32(f"{sweep.name}/{study.name}/{sweep.train.seed_base}".encode())
+    inner = OptunaSearch(space=space, metric=OBJECTIVE, mode="max", seed=seed)
+    return _SeedRepeater(_Distinct(inner, study), study, sweep.search.seeds)
+
+
+def _keep_suggested(tracker: SweepTracker, parent: str, planned: list[Trial]) -> list[dict]:
+    """`planned` as trials.json entries, plus the suggested trials recorded so far, which a
+    rewrite of the plan must not forget."""
+    ids = {t.trial_id for t in planned}
+    kept = [d for d in tracker.expected_trials(parent)
+            if d.get(SUGGESTED) and d["trial_id"] not in ids]
+    return [t.to_dict() for t in planned] + kept
+
+
+class _SuggestedTracking(TrackingCallback):
+    """TrackingCallback for trials a searcher chooses: each is added to trials.json (the
+    report's plan) and gets its MLflow run when it starts."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tid = trial.config["trial_id"]
+        if tid not in self.trials:
+            self.trials[tid] = Trial.from_dict(trial.config)
+            entries = self.tracker.expected_trials(self.parent)
+            if tid not in {d.get("trial_id") for d in entries}:
+                self.tracker.set_expected_trials(
+                    self.parent, [*entries, {**self.trials[tid].to_dict(), SUGGESTED: True}])
+        super().on_trial_start(iteration, trials, trial, **info)
+
+
+def _run_studies(sweep: SweepConfig, home: Path, storage: Path, tracker: SweepTracker,
+                 parent: str, out: SweepOutcome, verbose: int, attempt: str) -> None:
+    splits: dict[str, dict] = {}
+    for study in optuna_studies(sweep):
+        if out.interrupted:
+            return
+        if study.task not in splits:
+            splits[study.task] = _tokenized(sweep, study.task, str(home))
+        _run_tuner(sweep, [], home, storage / study.name, tracker, parent, out, verbose,
+                   splits[study.task], False, attempt, study=study)
