@@ -627,7 +627,8 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
     for listener in _listeners:
         if hasattr(listener, "expect"):
             listener.expect(trials)
-    tuner = _restore(path, fn, [f"optuna:{study.name}"] if study else list(by_id))
+    ids = [f"optuna:{study.name}"] if study else list(by_id)
+    tuner = restored = _restore(path, fn, ids)
     if tuner is None and study is not None:
         tuner = tune.Tuner(
             fn,
@@ -654,10 +655,9 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                 trial_dirname_creator=_trial_name),
             run_config=run_config,
         )
-    if not path.exists():
+    if restored is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_name(f".{path.name}.trials.json").write_text(
-            json.dumps([f"optuna:{study.name}"] if study else list(by_id)))
+        path.with_name(f".{path.name}.trials.json").write_text(json.dumps(ids))
     # Ray swaps in its own SIGINT handler during fit and puts the previous one back after the
     # first Ctrl-C; finding our sentinel back afterwards means the user interrupted the sweep.
     previous = signal.signal(signal.SIGINT, _interrupt_sentinel)
