@@ -317,12 +317,14 @@ def run(
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
     tracker = SweepTracker(uri, cfg.experiment)
-    n = len(expand_trials(cfg))
+    search = expand_trials(cfg)
+    n = len(search)
     confirm = (f" + confirmation on seeds {cfg.search.confirm_seeds}"
                if cfg.search.confirm_seeds else "")
     err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root}; tracking {uri}")
     t0 = time.time()
     view = SweepView(cfg.name, n + len(_confirm_plan(cfg)), console=err)
+    view.expect(search)  # every task and method has its row and column from the start
     ikd_tune._listeners.append(view)
     try:
         with view:
