@@ -339,6 +339,7 @@ def run(
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
     tracker = SweepTracker(uri, cfg.experiment)
+    search = expand_trials(cfg)
     n = planned_trial_count(cfg)
     confirm = (f" + confirmation on seeds {cfg.search.confirm_seeds}"
                if cfg.search.confirm_seeds else "")
@@ -348,6 +349,7 @@ def run(
     from ikd_sweep.tune import ResourceError
 
     view = SweepView(cfg.name, n + len(_confirm_plan(cfg)), console=err)
+    view.expect(search)  # every task and method has its row and column from the start
     ikd_tune._listeners.append(view)
     try:
         with view:

@@ -11,6 +11,7 @@ otherwise it prints one plain line when the counts or a best score change, or ev
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class Snapshot:
 
     def counts(self) -> dict[str, int]:
         n = {s: 0 for s in STATES}
-        for t in self.trials.values():
+        for t in list(self.trials.values()):  # a copy: the live view draws from its own thread
             n[t.state] += 1
         n["pending"] += max(0, self.total - len(self.trials))
         return n
@@ -58,7 +59,7 @@ class Snapshot:
     def best(self) -> dict[tuple[str, str], TrialState]:
         """Per (task, method), the trial with the highest sel/val_main so far."""
         out: dict[tuple[str, str], TrialState] = {}
-        for t in self.trials.values():
+        for t in list(self.trials.values()):
             if t.sel_val is not None and t.task and t.method:
                 key = (t.task, t.method)
                 if key not in out or t.sel_val > (out[key].sel_val or float("-inf")):
@@ -106,8 +107,9 @@ def _score(t: TrialState | None) -> str:
 def best_table(snap: Snapshot) -> Table:
     """Task x method: the best sel/val_main so far and that trial's sel/dev_main."""
     best = snap.best()
-    tasks = list(dict.fromkeys(t.task for t in snap.trials.values() if t.task))
-    methods = list(dict.fromkeys(t.method for t in snap.trials.values() if t.method))
+    trials = list(snap.trials.values())
+    tasks = list(dict.fromkeys(t.task for t in trials if t.task))
+    methods = list(dict.fromkeys(t.method for t in trials if t.method))
     table = Table(title="best sel/val_main so far (its sel/dev_main)", title_justify="left",
                   box=None, pad_edge=False)
     table.add_column("task")
@@ -208,8 +210,9 @@ class SweepView:
                         f"{m.get('epoch')}/{m.get('epochs')}, dev {m.get('dev_main', 0):.4f}")
         elif kind == "recorded":  # finished by an earlier run of the command
             t.state, t.started = "done", None
-        elif kind in ("eval", "final") and m.get("sel/val_main") is not None:
-            t.sel_val, t.sel_dev = m["sel/val_main"], m.get("sel/dev_main")
+        elif kind in ("eval", "final"):
+            if math.isfinite(m.get("sel/val_main", math.nan)):
+                t.sel_val, t.sel_dev = m["sel/val_main"], m.get("sel/dev_main")
             if kind == "final":
                 t.state = "done"
                 if t.started is not None:
@@ -230,7 +233,7 @@ class SweepView:
 
     def _refresh(self) -> Snapshot:
         now = self.clock()
-        trials = self.snap.trials.values()
+        trials = list(self.snap.trials.values())
         self.snap.eta_s = estimate_eta(
             [t.seconds for t in trials if t.seconds is not None],
             [now - t.started for t in trials if t.state == "running" and t.started is not None],

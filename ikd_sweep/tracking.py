@@ -429,15 +429,21 @@ def sweep_progress(tracking_uri: str, sweep: str | None = None) -> dict[str, Any
         raise LookupError(f"no tracking store at {db} (run a sweep first, or pass --home or "
                           "--tracking-uri)")
     client = MlflowClient(tracking_uri=tracking_uri)
+
+    def search(ids: list[str], filter_string: str) -> list[Any]:  # read-only: no tracker
+        runs = []
+        for chunk in (ids[i:i + 100] for i in range(0, len(ids), 100)):
+            token = None
+            while token != "":
+                page = client.search_runs(chunk, filter_string, max_results=1000,
+                                          page_token=token)
+                runs += page
+                token = page.token or ""
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
     exps = {e.experiment_id: e.name for e in client.search_experiments(max_results=1000)}
-    parents = []
-    for ids in (list(exps)[i:i + 100] for i in range(0, len(exps), 100)):
-        token = None
-        while token != "":
-            page = client.search_runs(ids, f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'",
-                                      max_results=1000, page_token=token)
-            parents += [r for r in page if r.data.tags.get(TAG.SUPERSEDED) != "true"]
-            token = page.token or ""
+    parents = [r for r in search(list(exps), f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
+               if r.data.tags.get(TAG.SUPERSEDED) != "true"]
     parents.sort(key=lambda r: r.info.start_time or 0, reverse=True)
     names = list(dict.fromkeys(r.data.tags.get(TAG.SWEEP, "") for r in parents))
     parent = next((r for r in parents if sweep is None or r.data.tags.get(TAG.SWEEP) == sweep),
@@ -446,15 +452,19 @@ def sweep_progress(tracking_uri: str, sweep: str | None = None) -> dict[str, Any
         raise LookupError(f"no sweep {sweep!r} in the store at {tracking_uri}; sweeps there: "
                           f"{', '.join(names) or 'none'}" if sweep else
                           f"no sweep in the store at {tracking_uri}")
-    tracker = SweepTracker(tracking_uri, exps[parent.info.experiment_id])
     runs: dict[str, dict[str, Any]] = {}
-    for r in tracker._children(parent.info.run_id):  # oldest first: the canonical run wins
-        tid, m = r.data.tags.get(TAG.TRIAL_ID, ""), r.data.metrics
-        runs.setdefault(tid, {
-            "trial_id": tid, "task": r.data.tags.get(TAG.TASK), "method":
-            r.data.tags.get(TAG.METHOD), "status": r.info.status, "error": r.data.tags.get(
-                TAG.ERROR), "start_ms": r.info.start_time, "end_ms": r.info.end_time,
-            "sel_val_main": m.get("sel/val_main"), "sel_dev_main": m.get("sel/dev_main")})
+    children = search([parent.info.experiment_id],
+                      f"tags.`{TAG.PARENT}` = '{parent.info.run_id}'")
+    for r in children:  # oldest first: the canonical run wins
+        tags, m = r.data.tags, r.data.metrics
+        runs.setdefault(tags.get(TAG.TRIAL_ID, ""), {
+            "trial_id": tags.get(TAG.TRIAL_ID, ""), "task": tags.get(TAG.TASK),
+            "method": tags.get(TAG.METHOD), "status": r.info.status,
+            "error": tags.get(TAG.ERROR), "start_ms": r.info.start_time,
+            "end_ms": r.info.end_time, "sel_val_main": m.get("sel/val_main"),
+            "sel_dev_main": m.get("sel/dev_main")})
     return {"sweep": parent.data.tags.get(TAG.SWEEP), "run_id": parent.info.run_id,
             "status": parent.info.status, "start_ms": parent.info.start_time,
-            "expected": tracker.expected_trials(parent.info.run_id), "runs": list(runs.values())}
+            "expected": SweepTracker(tracking_uri, exps[parent.info.experiment_id]
+                                     ).expected_trials(parent.info.run_id),
+            "runs": list(runs.values())}

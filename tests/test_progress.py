@@ -170,7 +170,7 @@ def test_a_sweep_prints_the_view_not_ray_and_status_reads_it_back(tmp_path, monk
     for noise in ("Trial status", "Checkpoint successfully created", "TensorBoard",
                   "Configuration for experiment", "\x1b["):
         assert noise not in out, noise
-    assert len(out.splitlines()) < 25, out
+    assert len(out.splitlines()) < 40, out  # 223 lines for 5 trials before issue 12
     _, (child,) = runs_of(home, "quiet")
     assert child.data.tags[TAG.DEVICE] == "cpu"  # the worker's report, tagged by the driver
 
