@@ -371,16 +371,16 @@ def export(
     try:
         got = export_student(sweep, task, method, seed, out, uri, register)
     except (ExportError, LookupError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(
         f"{got.task}/{got.method}: selected setting {got.setting}; {got.phase} run "
         f"{got.trial_id} (seed {got.seed}, chosen by {got.seed_chosen}; run {got.run_id}): "
         f"sel/val_main {got.sel_val_main:.4f}, sel/dev_main {got.sel_dev_main:.4f}",
-        highlight=False)
-    console.print(f"wrote {got.out}", highlight=False)
+        highlight=False, soft_wrap=True)
+    console.print(f"wrote {got.out}", highlight=False, soft_wrap=True)
     if got.registered:
-        console.print(f"registered {got.registered}", highlight=False)
+        console.print(f"registered {got.registered}", highlight=False, soft_wrap=True)
 
 
 def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
