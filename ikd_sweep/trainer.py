@@ -146,6 +146,9 @@ class FitSettings:
     # Reuse the exam's course gradient and teacher outputs for the real step when they are the
     # same computation (student_first); False recomputes them (same result; for tests/benchmarks).
     fuse_exam: bool = True
+    # Evaluate dev at every evaluation, not only where selection or the final score needs it
+    # (the old behaviour: same training and selection, more evaluation; for benchmarks).
+    dev_every_eval: bool = False
 
     @classmethod
     def for_trial(cls, cfg: SweepConfig, trial: Trial) -> FitSettings:
@@ -533,7 +536,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                 metrics = _scores(student, data, task, device, s.eval_batch_size, pad_id,
                                   ("val",))
                 improved = metrics["val/main"] > sel["sel/val_main"]  # ties keep the earlier
-                if improved or step == total:
+                if improved or step == total or s.dev_every_eval:
                     metrics.update(_scores(student, data, task, device, s.eval_batch_size,
                                            pad_id, ("dev",)))
                     if metrics["dev/main"] > best:

@@ -124,3 +124,25 @@ def test_export_names_the_valid_values_of_a_bad_option(swept, args, message):
     assert message in result.output and "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_train_keeps_the_student_and_drops_the_resumable_state(swept):
+    """`ikd-sweep train` (no Ray): the student stays in its trial folder, is logged to the
+    trial's run, and the resumable checkpoint is gone once the trial has finished."""
+    from typer.testing import CliRunner
+
+    from ikd_sweep.cli import app
+
+    tmp, home = swept
+    home2 = tmp / "train-home"
+    result = CliRunner().invoke(app, ["train", str(tmp / f"{SWEEP}.yaml"), "--task", "rte",
+                                      "--method", "finetune", "--home", str(home2),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (trial_dir,) = (home2 / "single" / SWEEP).iterdir()
+    assert (trial_dir / "student" / "model.safetensors").is_file()
+    assert not (trial_dir / "checkpoint").exists()
+    _, children = runs_of(home2, SWEEP)
+    (run,) = children
+    names = {f.path for f in store(home2).list_artifacts(run.info.run_id, "student")}
+    assert "student/model.safetensors" in names and "student/README.md" in names
