@@ -317,6 +317,8 @@ def run_sweep(sweep: SweepConfig, *, home: Path, tracker: SweepTracker,
     storage = home / "ray" / sweep.name
     if restart and storage.exists():
         shutil.rmtree(storage)
+    if restart:  # students an earlier run kept but never logged (its trials start over)
+        shutil.rmtree(student_dir(home, sweep.name, "x").parent, ignore_errors=True)
     parent = tracker.start_sweep(sweep.name, sweep.model_dump(mode="json"), restart=restart)
     # Confirmation trials, once worked out, are part of the sweep: never chosen a second time.
     recorded = [d for d in tracker.expected_trials(parent) if d.get("phase") == "confirm"]
