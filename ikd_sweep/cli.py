@@ -1,4 +1,4 @@
-"""The `ikd-sweep` command line: validate, train, run, report, ui.
+"""The `ikd-sweep` command line: validate, train, run, report, export, ui.
 
 Exit codes: 0 success, 2 bad input, 3 a sweep that finished with failed trials, 130 Ctrl-C.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -209,7 +210,8 @@ def train(
             total, splits = _train_steps(cfg, trial, root)
             progress.update(bar, total=total)
             result = run_trial(cfg, trial, home=root, callback=cb, checkpoint_dir=ckpt,
-                               resume_from=resume_from, device=device, splits=splits)
+                               resume_from=resume_from, device=device, splits=splits,
+                               student_dir=run_dir / "student")
         except NonFiniteLoss as e:
             status, error = "FAILED", str(e)
         except KeyboardInterrupt:
@@ -219,8 +221,13 @@ def train(
         except Exception as e:
             finish("FAILED", error=f"{type(e).__name__}: {e}\n\n{traceback.format_exc(limit=8)}")
             raise
+    if status == "FINISHED":
+        # The resumable state is for an unfinished trial only; the student folder stays.
+        shutil.rmtree(ckpt, ignore_errors=True)
     if tracker is not None and status == "FINISHED":
         tracker.log_metrics(run_id, result, int(result.get("steps", 0)))
+        if (run_dir / "student").is_dir():
+            tracker.log_student(run_id, run_dir / "student")
     finish(status, error=error, final_metrics=result if status == "FINISHED" else None)
     out = {"trial_id": trial.trial_id, "status": status, **({"error": error} if error else {}),
            **result}
@@ -441,6 +448,41 @@ def report(
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     for f in files:
         err.print(f"wrote {f}")
+
+
+@app.command()
+def export(
+    sweep: Annotated[str, typer.Option(help="sweep name, e.g. demo")],
+    task: Annotated[str, typer.Option(help="task of the sweep, e.g. sst2")],
+    method: Annotated[str, typer.Option(help="finetune | kd | ikd | ikd-control")],
+    out: Annotated[Path, typer.Option(help="folder to write the student to (new or empty)")],
+    seed: Annotated[int | None, typer.Option(help="seed of the selected setting (default: "
+                                             "its run with the best sel/val_main)")] = None,
+    register: Annotated[str | None, typer.Option(help="also register it as a version of this "
+                                                 "MLflow registered model")] = None,
+    tracking_uri: TrackingOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Write the selected student of a sweep (the report's selection) as a Hugging Face folder.
+
+    Example: ikd-sweep export --sweep demo --task sst2 --method ikd --out students/sst2-ikd
+    """
+    from ikd_sweep.export import ExportError, export_student
+
+    uri = _tracking_uri(tracking_uri, None, _home(home))
+    try:
+        got = export_student(sweep, task, method, seed, out, uri, register)
+    except (ExportError, LookupError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(
+        f"{got.task}/{got.method}: selected setting {got.setting}; {got.phase} run "
+        f"{got.trial_id} (seed {got.seed}, chosen by {got.seed_chosen}; run {got.run_id}): "
+        f"sel/val_main {got.sel_val_main:.4f}, sel/dev_main {got.sel_dev_main:.4f}",
+        highlight=False, soft_wrap=True)
+    console.print(f"wrote {got.out}", highlight=False, soft_wrap=True)
+    if got.registered:
+        console.print(f"registered {got.registered}", highlight=False, soft_wrap=True)
 
 
 def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:

@@ -41,6 +41,7 @@ from ikd_sweep.trials import Trial, flatten
 _log = logging.getLogger(__name__)
 
 DB_NAME, ARTIFACTS_DIR, LOST_METRICS_DIR = "mlflow.db", "mlartifacts", "lost-metrics"
+STUDENT_ARTIFACT = "student"  # a trial run's selected student (a Hugging Face model folder)
 
 
 class TAG:
@@ -379,6 +380,12 @@ class SweepTracker:
                                            "step": m.step, "timestamp": m.timestamp,
                                            "reason": reason[:500]}) + "\n" for m in entry[1])
 
+    # -- the selected student -----------------------------------------------------------------
+
+    def log_student(self, run_id: str, folder: Path) -> None:
+        """Log a trial's selected-student folder as the run's ``student`` artifact."""
+        self.client.log_artifacts(run_id, str(folder), STUDENT_ARTIFACT)
+
     # -- end of a trial -----------------------------------------------------------------------
 
     def finish_trial(self, run_id: str, status: str, *, error: str | None = None,
@@ -468,3 +475,36 @@ def sweep_progress(tracking_uri: str, sweep: str | None = None) -> dict[str, Any
             "expected": SweepTracker(tracking_uri, exps[parent.info.experiment_id]
                                      ).expected_trials(parent.info.run_id),
             "runs": list(runs.values())}
+# -- a trial's student, for `ikd-sweep export` ------------------------------------------------
+
+
+def download_student(tracking_uri: str, run_id: str, dest: Path) -> Path:
+    """Copy run ``run_id``'s ``student`` artifact into the folder ``dest`` (created; must be
+    empty). Raises LookupError when the run kept no student."""
+    client = MlflowClient(tracking_uri=_absolute_sqlite_uri(tracking_uri))
+    if not any(f.path == STUDENT_ARTIFACT for f in client.list_artifacts(run_id)):
+        raise LookupError(f"run {run_id} has no {STUDENT_ARTIFACT!r} artifact (it kept no "
+                          "student: a sweep run before students were kept, or a failed upload)")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        got = Path(client.download_artifacts(run_id, STUDENT_ARTIFACT, tmp))
+        for item in got.iterdir():
+            os.replace(item, dest / item.name)
+    return dest
+
+
+def register_student(tracking_uri: str, run_id: str, name: str) -> str:
+    """Register run ``run_id``'s ``student`` artifact as a new version of the registered model
+    ``name`` (created if needed); returns the version. The artifact is a Hugging Face folder,
+    not an MLflow Model, so the version points at the run's artifact (``runs:/<id>/student``):
+    MLflow 3's ``mlflow.register_model`` looks for a logged MLflow Model there and fails."""
+    client = MlflowClient(tracking_uri=_absolute_sqlite_uri(tracking_uri))
+    try:
+        client.create_registered_model(name, description="ikd-sweep selected students")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{STUDENT_ARTIFACT}",
+                                          run_id=run_id)
+    return str(version.version)

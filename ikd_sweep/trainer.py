@@ -10,13 +10,23 @@ own AdamW step) of that same course batch from the student's weights before its 
 
 Features: AdamW with linear warmup/decay (fused on CUDA), bf16 autocast on CUDA, per-batch
 padding with length-grouped batches, losses accumulated on the device (host syncs only at
-logging, evaluation and checkpoint steps), val and dev evaluation every `eval_every` steps and at
-each epoch end, checkpoint + exact resume (models, optimizers, schedulers, step, RNG, the
-selection so far), and a non-finite loss check at every logging step.
+logging, evaluation and checkpoint steps), val evaluation every `eval_every` steps and at each
+epoch end, checkpoint + exact resume (models, optimizers, schedulers, step, RNG, the selection so
+far), and a non-finite loss check at every logging step.
 
 Selection (DESIGN.md, comparison protocol): the trial's result is its evaluation with the best
 `val/main` (`sel/val_main`, `sel/dev_main`, `sel/step`; ties keep the earlier one). GLUE dev is
-only reported: `best/dev_main` (max over dev) is a diagnostic that never chooses anything.
+only reported, so it is evaluated only where a reported number needs it: at an evaluation that
+improves `val/main` (the new selected checkpoint's `sel/dev_main`) and at the last one
+(`final/dev_*`); an evaluation report carries `dev/*` only then (for ikd the teacher's
+`teacher/dev_main` likewise; `teacher/val_main` at every evaluation). `best/dev_main` is the
+best dev score over those evaluated checkpoints, a diagnostic that never chooses anything.
+
+The selected student (`KeepStudent`): each time selection improves, the student is written as a
+Hugging Face model folder (`save_pretrained` safetensors, the tokenizer, a README.md model card)
+into a temporary folder swapped in whole, so the folder always holds one complete selected
+student. The resumable state (`checkpoint_dir`) is separate; callers delete it when the trial
+ends.
 
 Metrics leave through a callback, so this module imports neither Ray nor MLflow:
 `callback.log(metrics, step)` for training curves, `callback.report(metrics, step, checkpoint)`
@@ -65,6 +75,41 @@ class NullCallback:
         pass
 
 
+@dataclass
+class KeepStudent:
+    """Where and how `fit` keeps the selected student: `path` (a folder, replaced whole each
+    time selection improves), the tokenizer saved with it, and the model card's facts (task,
+    method, setting, seed, sweep, commit; written by `trial.run_trial`, which knows them)."""
+
+    path: Path
+    tokenizer: Any = None
+    card: dict[str, Any] | None = None
+
+
+def student_card(card: dict[str, Any], sel: dict[str, float]) -> str:
+    """The README.md model card of a kept student: its facts and its selection scores."""
+    facts = {**(card or {}), "sel/val_main": sel["sel/val_main"],
+             "sel/dev_main": sel["sel/dev_main"], "sel/step": int(sel["sel/step"])}
+    title = " ".join(str(facts[k]) for k in ("task", "method") if facts.get(k) is not None)
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-classification", "---",
+             "", f"# ikd-sweep student{': ' + title if title else ''}", "",
+             "The student at the checkpoint its trial selected on `val/main` (ties keep the "
+             "earlier); `sel/dev_main` is its GLUE dev score, which chose nothing.", "",
+             "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {v if v is not None else '-'} |" for k, v in facts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_student(keep: KeepStudent, model: torch.nn.Module, sel: dict[str, float]) -> Path:
+    """Write the selected student atomically: a crash leaves the previous folder, never half."""
+    with atomic_path(keep.path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if keep.tokenizer is not None:
+            keep.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(student_card(keep.card or {}, sel), encoding="utf-8")
+    return keep.path
+
+
 class NonFiniteLoss(RuntimeError):
     """The trial's loss went NaN or infinite; the trial stops instead of training on garbage."""
 
@@ -101,6 +146,9 @@ class FitSettings:
     # Reuse the exam's course gradient and teacher outputs for the real step when they are the
     # same computation (student_first); False recomputes them (same result; for tests/benchmarks).
     fuse_exam: bool = True
+    # Evaluate dev at every evaluation, not only where selection or the final score needs it
+    # (the old behaviour: same training and selection, more evaluation; for benchmarks).
+    dev_every_eval: bool = False
 
     @classmethod
     def for_trial(cls, cfg: SweepConfig, trial: Trial) -> FitSettings:
@@ -151,11 +199,13 @@ def seed_everything(seed: int) -> None:
 
 
 def _scores(model: torch.nn.Module, data: TaskData, task: Task, device: torch.device,
-            batch_size: int, pad_id: int) -> dict[str, float]:
-    """`val/<m>` and `dev/<m>` for every task metric m."""
+            batch_size: int, pad_id: int, splits: tuple[str, ...] = ("val", "dev"),
+            ) -> dict[str, float]:
+    """`<split>/<m>` for every task metric m and each of `splits` (val, dev)."""
     return {f"{name}/{k}": v
-            for name, split in (("val", data.val), ("dev", data.dev))
-            for k, v in evaluate(model, split, task, device, batch_size, pad_id).items()}
+            for name in splits
+            for k, v in evaluate(model, getattr(data, name), task, device, batch_size,
+                                 pad_id).items()}
 
 
 @torch.no_grad()
@@ -372,11 +422,14 @@ class TrainStep:
 def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
         teacher: torch.nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
         device: torch.device, callback: Callback | None = None, pad_id: int = 0,
-        checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> dict[str, float]:
+        checkpoint_dir: Path | None = None, resume_from: Path | None = None,
+        keep: KeepStudent | None = None) -> dict[str, float]:
     """Train `student` by `s.method` on `data.train`; return the trial's result.
 
     Result: `sel/val_main`, `sel/dev_main`, `sel/step` (the evaluation with the best val/main),
-    `final/val_*` and `final/dev_*` (the last evaluation), `best/dev_main` (diagnostic), `steps`.
+    `final/val_*` and `final/dev_*` (the last evaluation), `best/dev_main` (the best dev score
+    over the evaluations that computed dev: the selected ones and the last; diagnostic),
+    `steps`. With `keep`, the selected student is kept there (see `KeepStudent`).
     """
     cb = callback or NullCallback()
     reg = task.is_regression
@@ -490,18 +543,28 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
 
             # ---- evaluation, checkpoint, report
             if step in eval_at:
-                metrics = _scores(student, data, task, device, s.eval_batch_size, pad_id)
-                if metrics["val/main"] > sel["sel/val_main"]:  # strict: ties keep the earlier
+                # val at every evaluation; dev only where a reported number needs it.
+                metrics = _scores(student, data, task, device, s.eval_batch_size, pad_id,
+                                  ("val",))
+                improved = metrics["val/main"] > sel["sel/val_main"]  # ties keep the earlier
+                if improved or step == total or s.dev_every_eval:
+                    metrics.update(_scores(student, data, task, device, s.eval_batch_size,
+                                           pad_id, ("dev",)))
+                    if metrics["dev/main"] > best:
+                        best, best_step = metrics["dev/main"], step
+                if improved:
                     sel = {"sel/val_main": metrics["val/main"],
                            "sel/dev_main": metrics["dev/main"], "sel/step": step}
-                if metrics["dev/main"] > best:
-                    best, best_step = metrics["dev/main"], step
+                    if keep is not None:  # before the checkpoint that records this selection
+                        save_student(keep, student, sel)
                 metrics.update(sel)
                 metrics.update({"best/dev_main": best, "epoch": step / steps_per_epoch})
                 if s.method == "ikd":
-                    tsc = _scores(teacher, data, task, device, s.eval_batch_size, pad_id)
+                    tsc = _scores(teacher, data, task, device, s.eval_batch_size, pad_id,
+                                  ("val", "dev") if "dev/main" in metrics else ("val",))
                     metrics["teacher/val_main"] = tsc["val/main"]
-                    metrics["teacher/dev_main"] = tsc["dev/main"]
+                    if "dev/main" in tsc:
+                        metrics["teacher/dev_main"] = tsc["dev/main"]
                 ckpt = None
                 if checkpoint_dir is not None:
                     state = {"student": student.state_dict(), "opt": opt.state_dict(),

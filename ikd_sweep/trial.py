@@ -6,21 +6,34 @@ trial -> teacher cache -> trainer (the cache fine-tunes teachers with the traine
 
 from __future__ import annotations
 
+import functools
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import Split, prepare_data
 from ikd_sweep.models import build_model, load_tokenizer
-from ikd_sweep.trainer import Callback, FitSettings, fit, pick_device, seed_everything
-from ikd_sweep.trials import Trial, trial_seed
+from ikd_sweep.trainer import (
+    Callback,
+    FitSettings,
+    KeepStudent,
+    fit,
+    pick_device,
+    seed_everything,
+)
+from ikd_sweep.trials import HPARAMS, Trial, trial_seed
 
 
 def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback | None = None,
               checkpoint_dir: Path | None = None, resume_from: Path | None = None,
               device: str | None = None, splits: dict[str, Split] | None = None,
-              ) -> dict[str, float]:
-    """Run one trial end to end: data, cached teacher (and logits for kd), training loop."""
+              student_dir: Path | None = None) -> dict[str, float]:
+    """Run one trial end to end: data, cached teacher (and logits for kd), training loop.
+
+    `student_dir`: keep the selected student there (a Hugging Face folder with the tokenizer
+    and a model card; see `trainer.KeepStudent`)."""
     dev = pick_device(device)
     seed = trial_seed(cfg, trial)
     tokenizer = load_tokenizer(cfg.teacher.model)
@@ -46,7 +59,32 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
     result = fit(FitSettings.for_trial(cfg, trial), data.task, data, student, teacher=teacher,
                  teacher_logits=logits, device=dev, callback=callback,
                  pad_id=tokenizer.pad_token_id or 0, checkpoint_dir=checkpoint_dir,
-                 resume_from=resume_from)
+                 resume_from=resume_from,
+                 keep=None if student_dir is None else KeepStudent(
+                     Path(student_dir), tokenizer, card_facts(cfg, trial, seed)))
     result.update({k.replace("teacher/", "teacher/initial_"): v
                    for k, v in teacher_scores.items()})
     return result
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (None outside one): git, not MLflow,
+    since this runs in Ray workers, which never import MLflow."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip() if out.returncode == 0 else ""
+    return sha or None
+
+
+def card_facts(cfg: SweepConfig, trial: Trial, seed: int) -> dict[str, Any]:
+    """What a kept student's model card says about where it comes from."""
+    setting = {h: getattr(trial, h) for h in HPARAMS if getattr(trial, h) is not None}
+    return {"task": trial.task, "method": trial.method,
+            "setting": ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "-",
+            "seed": trial.seed, "training seed": seed, "trial_id": trial.trial_id,
+            "phase": trial.phase, "sweep": cfg.name, "student model": cfg.student.model,
+            "teacher model": cfg.teacher.model, "git commit": git_commit()}

@@ -151,6 +151,8 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
     ckpt = tune.get_checkpoint()
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
+    # On the working folder's (shared) storage, so the driver can log it to MLflow.
+    student = student_dir(Path(home), sweep.name, trial.trial_id)
     try:
         if trial.method != "finetune":
             _teacher_first(sweep, trial, home, attempt)
@@ -158,16 +160,23 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
             final = run_trial(sweep, trial, home=Path(home), callback=reporter,
                               checkpoint_dir=work / "checkpoint",
                               resume_from=Path(resume_dir) if resume_dir else None,
-                              splits=splits)
+                              splits=splits, student_dir=student)
     except Exception as e:
         _report({"kind": "error", "step": 0, "error": describe_error(e)})
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if student.is_dir():
+        final = {**final, "student_dir": str(student)}
     objective = final.get(OBJECTIVE)
     _report({"kind": "final", "step": int(final.get("steps", 0)), "metrics": final},
             {DONE_KEY: 1, **({OBJECTIVE: objective} if objective is not None
                              and math.isfinite(objective) else {})})
+
+
+def student_dir(home: Path, sweep: str, trial_id: str) -> Path:
+    """Where a Ray trial keeps its selected student until the driver has logged it."""
+    return home / "students" / sweep / trial_id
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -218,8 +227,11 @@ class TrackingCallback(tune.Callback):
         # Without a final result the trial was stopped (scheduler or Ctrl-C): run_sweep decides.
         tid = trial.config["trial_id"]
         if tid in self.runs and tid in self.final:
+            keep_student(self.tracker, self.runs[tid], self.final[tid])
             self.tracker.finish_trial(self.runs[tid], "FINISHED", final_metrics=self.final[tid],
                                       trial_config=trial_record(self.sweep, self.trials[tid]))
+        if tid in self.final and trial.path:
+            drop_checkpoints(Path(trial.path))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.config["trial_id"]
@@ -229,6 +241,29 @@ class TrackingCallback(tune.Callback):
                                                         else "trial failed")
             self.tracker.finish_trial(self.runs[tid], "FAILED", error=self.errors[tid],
                                       trial_config=trial_record(self.sweep, self.trials[tid]))
+
+
+def keep_student(tracker: SweepTracker, run_id: str, final: dict[str, Any]) -> None:
+    """Log a finished trial's student folder to its run, then delete the local copy (the bytes
+    exist once: in the artifact store). If the upload fails the folder stays, with a warning."""
+    folder = Path(final["student_dir"]) if final.get("student_dir") else None
+    if folder is None or not folder.is_dir():
+        return
+    try:
+        tracker.log_student(run_id, folder)
+    except Exception as exc:
+        _log.warning("MLflow: the student of run %s was not logged (%s); it stays in %s",
+                     run_id, exc, folder)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def drop_checkpoints(trial_path: Path) -> None:
+    """Delete a finished trial's Tune checkpoints: resumable state (optimizer states of student
+    and teacher, RNG) that only an unfinished trial needs."""
+    for ckpt in trial_path.glob("checkpoint_*"):
+        if ckpt.is_dir():
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 _live: TrackingCallback | None = None  # this driver's callback of the Tuner being fit
@@ -480,6 +515,8 @@ def _run_sweep(sweep: SweepConfig, home: Path, tracker: SweepTracker, restart: b
     storage = home / "ray" / sweep.name
     if restart and storage.exists():
         shutil.rmtree(storage)
+    if restart:  # students an earlier run kept but never logged (its trials start over)
+        shutil.rmtree(student_dir(home, sweep.name, "x").parent, ignore_errors=True)
     parent = tracker.start_sweep(sweep.name, sweep.model_dump(mode="json"), restart=restart)
     out = SweepOutcome(parent_run_id=parent)
     status = "FAILED"  # whatever ends this function, the parent never stays RUNNING
@@ -687,9 +724,11 @@ def _run_tuner(sweep: SweepConfig, trials: list[Trial], home: Path, path: Path,
                                       or (run or {}).get("error") or describe_error(error))
         elif m.get(DONE_KEY):
             out.finished.append(t.trial_id)
+            drop_checkpoints(Path(result.path))  # also when the driver missed the completion
             final = (m.get(REPORT) or {}).get("metrics")
             if run and run["status"] != "FINISHED" and final:
                 # Tune saved the trial as done but the driver died before MLflow heard of it.
+                keep_student(tracker, run["run_id"], final)
                 tracker.finish_trial(run["run_id"], "FINISHED", final_metrics=final,
                                      trial_config=trial_record(sweep, t))
         elif not interrupted and asha:

@@ -52,7 +52,8 @@ class Reports:
         pass
 
     def report(self, metrics, step, checkpoint) -> None:
-        self.dev.append(metrics["dev/main"])
+        if "dev/main" in metrics:  # evaluated where val/main improves, and at the end
+            self.dev.append(metrics["dev/main"])
         if "teacher/dev_main" in metrics:
             self.teacher.append(metrics["teacher/dev_main"])
 

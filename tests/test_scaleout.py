@@ -389,7 +389,7 @@ def test_sweep_on_ray_cluster_records_through_mlflow_server_on_postgres(
         assert c.data.params["train.lr"] == "0.001"
         if c.data.params["method"] == "kd":
             assert float(c.data.params["temperature"]) in (1.0, 4.0)
-        for key in ("dev/main", "train/loss"):
+        for key in ("val/main", "train/loss"):
             hist = client.get_metric_history(run_id, key)
             assert len(hist) >= 2 and len({h.step for h in hist}) == len(hist), key
         assert "final/dev_main" in c.data.metrics
@@ -541,7 +541,7 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
         assert total, f"{trial_id}: its step count was neither delivered nor reported lost"
         total = int(total)
         expected = {"train/loss": set(range(1, total + 1)),
-                    "dev/main": set(range(eval_every, total + 1, eval_every)) | {total}}
+                    "val/main": set(range(eval_every, total + 1, eval_every)) | {total}}
         missing_total = 0
         for key, steps in expected.items():
             missing = steps - delivered.get(key, set())
@@ -558,7 +558,7 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
                        f"{c.info.status}, {total} steps; {n_delivered} metric "
                        f"points delivered, {len(lost)} reported lost "
                        f"(tag ikd.lost_metrics={c.data.tags.get('ikd.lost_metrics', '-')}), "
-                       f"{missing_total} train/loss+dev/main points missing; "
+                       f"{missing_total} train/loss+val/main points missing; "
                        f"{during} stamped during the outage")
     assert during_outage > 0, "no metric was produced while the server was down"
     warned = text.count("MLflow tracking unreachable")

@@ -255,10 +255,10 @@ def test_store_is_written_by_the_driver_only(tmp_path):
         assert c.info.status == "FINISHED", c.data.tags.get("ikd.error")
         total = int(c.data.metrics["steps"])
         hist = {key: {m.step for m in client.get_metric_history(c.info.run_id, key)}
-                for key in ("train/loss", "dev/main")}
+                for key in ("train/loss", "val/main")}
         # log_every 1, eval_every 2 (and at the end): the whole curve, every evaluation.
         assert hist["train/loss"] == set(range(1, total + 1))
-        assert hist["dev/main"] == set(range(2, total + 1, 2)) | {total}
+        assert hist["val/main"] == set(range(2, total + 1, 2)) | {total}
         assert "final/dev_main" in c.data.metrics
         if c.data.tags["ikd.method"] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
