@@ -115,7 +115,7 @@ def test_sweep_records_one_parent_and_every_trial(tmp_path):
         if c.data.tags["ikd.method"] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
             assert "teacher/dev_main" in c.data.metrics
-    # teachers were fine-tuned once per (task, seed), before the trials
+    # teachers were fine-tuned once per (task, seed), inside the first trial that needed one
     assert len(list((home / "cache" / "teachers").glob("*/DONE"))) == 2
 
 
