@@ -149,6 +149,9 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
     # An optuna trial is not in `trials` (chosen during the run): its config is its Trial.
     trial = Trial.from_dict(trials.get(config["trial_id"]) or config)
     ckpt = tune.get_checkpoint()
+    if ckpt is not None and Path(ckpt.path).is_dir() and not any(
+            not p.name.startswith(".") for p in Path(ckpt.path).iterdir()):
+        ckpt = None  # emptied by drop_checkpoints, yet not FINISHED in MLflow: start over
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
     # On the working folder's (shared) storage, so the driver can log it to MLflow.
@@ -259,11 +262,14 @@ def keep_student(tracker: SweepTracker, run_id: str, final: dict[str, Any]) -> N
 
 
 def drop_checkpoints(trial_path: Path) -> None:
-    """Delete a finished trial's Tune checkpoints: resumable state (optimizer states of student
-    and teacher, RNG) that only an unfinished trial needs."""
+    """Empty a finished trial's Tune checkpoints: resumable state (optimizer states of student
+    and teacher, RNG) that only an unfinished trial needs. The folders and Tune's own dotfiles
+    stay: a driver killed before Tune saved the trial as finished restores it from there on the
+    next run, and the trainable then finds it FINISHED in MLflow and trains nothing."""
     for ckpt in trial_path.glob("checkpoint_*"):
-        if ckpt.is_dir():
-            shutil.rmtree(ckpt, ignore_errors=True)
+        for item in ckpt.iterdir() if ckpt.is_dir() else ():
+            if not item.name.startswith("."):
+                shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
 
 
 _live: TrackingCallback | None = None  # this driver's callback of the Tuner being fit

@@ -64,7 +64,9 @@ def test_finished_trials_keep_only_their_student_on_disk(swept):
     assert ratio <= 1.2
     # The bytes exist once: no local student copy, no resumable state of a finished trial.
     assert not any((home / "students").rglob("*.safetensors"))
-    assert not list((home / "ray").rglob("checkpoint_*"))
+    # (Tune's checkpoint folders stay, emptied but for its own metadata dotfiles.)
+    assert not [p for c in (home / "ray").rglob("checkpoint_*") for p in c.iterdir()
+                if not p.name.startswith(".")]
     assert not [p for p in files if p.name == "state.pt"]
 
 
