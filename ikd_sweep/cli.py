@@ -52,8 +52,11 @@ _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
                 errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST}
 
 
-def _debug(ctx: click.Context) -> bool:
-    return bool(ctx.params.get("debug")) or os.environ.get("IKD_SWEEP_DEBUG", "") not in ("", "0")
+_DEBUG = False  # set by the app's callback on every invocation (--debug)
+
+
+def _debug() -> bool:
+    return _DEBUG or os.environ.get("IKD_SWEEP_DEBUG", "") not in ("", "0")
 
 
 class _Group(typer.core.TyperGroup):
@@ -67,7 +70,7 @@ class _Group(typer.core.TyperGroup):
                 click.exceptions.Abort):
             raise
         except UserError as e:
-            if _debug(ctx):
+            if _debug():
                 raise
             lines = str(e).strip().splitlines() or [type(e).__name__]
             err.print(f"[red]error:[/red] {lines[0]}", highlight=False, soft_wrap=True)
@@ -75,7 +78,7 @@ class _Group(typer.core.TyperGroup):
                 err.print(line, markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:
-            if _debug(ctx) or e.errno not in _USER_ERRNOS or not e.filename:
+            if _debug() or e.errno not in _USER_ERRNOS or not e.filename:
                 _bug_hint(e)
                 raise
             err.print(f"[red]error:[/red] {e.filename}: {e.strerror}; choose a folder you can "
@@ -102,6 +105,8 @@ def _main(debug: Annotated[bool, typer.Option(
         "--debug", envvar="IKD_SWEEP_DEBUG",
         help="show the traceback of every error (also IKD_SWEEP_DEBUG=1)")] = False) -> None:
     """Sweeps of Interactive Knowledge Distillation (IKD) vs KD."""
+    global _DEBUG
+    _DEBUG = debug
 
 SweepArg = Annotated[Path, typer.Argument(help="sweep YAML file, e.g. sweeps/demo.yaml")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override key=value, e.g. "
@@ -113,13 +118,15 @@ HomeOpt = Annotated[Path | None, typer.Option(help="working folder (default $IKD
 def _load(path: Path, overrides: list[str] | None = None) -> SweepConfig:
     try:
         return load_sweep(path, parse_overrides(overrides or []))
-    except ConfigError as e:
-        err.print(f"[red]error:[/red] {e.path}: {e.what}", highlight=False)
-        for line in e.errors:
-            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
+    except (ConfigError, ValueError) as e:
+        if _debug():
+            raise
+        if isinstance(e, ConfigError):  # every problem of the file, one per line
+            err.print(f"[red]error:[/red] {e.path}: {e.what}", highlight=False)
+            for line in e.errors:
+                err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
 
 
@@ -229,7 +236,7 @@ def train(
     from ikd_sweep.preflight import preflight
 
     preflight(cfg, root, [trial], tracking_uri=_tracking_uri(tracking_uri, cfg.tracking.uri, root)
-              if track else None)
+              if track else None, source=sweep)
     run_dir = root / "single" / cfg.name / trial.trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint"
@@ -375,7 +382,8 @@ def run(
     root = _home(home)
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
-    disk = preflight(cfg, root, expand_trials(cfg), tracking_uri=uri)  # before Ray starts
+    disk = preflight(cfg, root, expand_trials(cfg), tracking_uri=uri,  # before Ray starts
+                     source=sweep)
     tracker = SweepTracker(uri, cfg.experiment)
     n = len(expand_trials(cfg))
     confirm = (f" + confirmation on seeds {cfg.search.confirm_seeds}"
@@ -466,7 +474,7 @@ def ui(
     home: HomeOpt = None,
 ) -> None:
     """Browse the runs in the MLflow UI (bound to localhost unless told otherwise)."""
-    uri = _existing_store(tracking_uri, _home(home))
+    uri = _tracking_uri(tracking_uri, None, _home(home))
     with socket.socket() as s:  # mlflow would start, fail to bind, and still exit 0
         try:
             s.bind((host, port))

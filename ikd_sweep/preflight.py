@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ikd_sweep.config import ModelConfig, SweepConfig
-from ikd_sweep.data import carve_splits, load_raw
-from ikd_sweep.errors import PreflightError, StoreError
+from ikd_sweep.data import DataError, carve_splits, load_raw
+from ikd_sweep.errors import ModelError, PreflightError, StoreError
 from ikd_sweep.models import model_config
 from ikd_sweep.tasks import get_task
 from ikd_sweep.trials import Trial
@@ -31,12 +31,18 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 
 
 def preflight(cfg: SweepConfig, home: Path, trials: Sequence[Trial],
-              tracking_uri: str | None = None) -> str:
+              tracking_uri: str | None = None, source: Path | None = None) -> str:
     """Raise a `UserError` for the first problem that would stop `trials` of `cfg` later;
-    return the disk estimate for the checkpoints as text."""
-    check_data(cfg)
-    sizes = {name: _parameter_count(spec, name) for name, spec in
-             (("teacher", cfg.teacher), ("student", cfg.student))}
+    return the disk estimate for the checkpoints as text. `source` (the sweep file) is named
+    in errors about its fields."""
+    try:
+        check_data(cfg)
+        sizes = {name: _parameter_count(spec, name) for name, spec in
+                 (("teacher", cfg.teacher), ("student", cfg.student))}
+    except (ModelError, DataError) as e:
+        if source is None or str(e).startswith(("/", str(source))):  # names its file already
+            raise
+        raise type(e)(f"{source}: {e}") from None
     need = check_disk(home, trials, sizes, teachers=len({(t.task, t.seed) for t in trials
                                                   if t.method in ("kd", "ikd")}))
     if tracking_uri is not None:
