@@ -92,8 +92,8 @@ def check_disk(home: Path, trials: Sequence[Trial], params: dict[str, int],
         largest = max(per_trial[t.method] for t in trials)
         raise PreflightError(
             f"{home}: about {_mb(need)} needed for the checkpoints of {len(trials)} trials (up "
-            f"to {_mb(largest)} each) and {teachers} teachers, but only {_mb(free)} free; free "
-            "some space or pass --home on a larger disk")
+            f"to {_mb(largest)} each) and {teachers} teacher{'s' * (teachers != 1)}, but only "
+            f"{_mb(free)} free; free some space or pass --home on a larger disk")
     return need
 
 

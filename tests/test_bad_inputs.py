@@ -93,6 +93,7 @@ class Case:
     expect: list[str | Callable[[Env], str]]  # substrings of the output
     sub: bool = False  # through the real CLI in a subprocess
     env: dict[str, str] = field(default_factory=dict)
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None  # in-process cases only
 
 
 def data_case(id_: str, train: bytes | None, *expect: str, cmd: str = "run",
@@ -244,6 +245,10 @@ CASES = [
          [lambda e: str(e.tmp / "a-file")]),
     Case("ui-port-busy", lambda e: ["ui", "--port", str(busy_port(e, listen=True))],
          ["cannot serve on 127.0.0.1:", "--port"]),
+    Case("disk-too-small", lambda e: ["run", str(e.base)],
+         ["needed for the checkpoints of 3 trials", "and 1 teacher, but only 1 MB free"],
+         patch=lambda m: m.setattr("ikd_sweep.preflight.shutil.disk_usage",
+                                   lambda p: shutil._ntuple_diskusage(2**40, 2**40, 2**20))),
     # caches
     Case("resume-truncated-checkpoint", truncated_checkpoint,
          [resumed_state, "delete it or run without --resume"]),
@@ -301,6 +306,8 @@ def test_bad_input_is_one_clear_error(case: Case, finished: Env, tmp_path: Path,
             code, out = p.returncode, p.stdout + p.stderr
         else:
             monkeypatch.chdir(tmp_path)
+            if case.patch is not None:
+                case.patch(monkeypatch)
             for k in ("MLFLOW_TRACKING_URI", "IKD_SWEEP_DEBUG"):
                 monkeypatch.delenv(k, raising=False)
             result = CliRunner().invoke(app, args, env={k: env[k] for k in
