@@ -21,6 +21,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -49,7 +50,7 @@ err = Console(stderr=True)
 # OS errors that mean "this path cannot be used here" (a read-only or full disk, a file where a
 # folder should be): the user's to fix, so one line and exit 2 rather than a traceback.
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST}
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
 _DEBUG = False  # set by the app's callback on every invocation (--debug)
@@ -73,7 +74,7 @@ class _Group(typer.core.TyperGroup):
             if _debug():
                 raise
             lines = str(e).strip().splitlines() or [type(e).__name__]
-            err.print(f"[red]error:[/red] {lines[0]}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(lines[0])}", highlight=False, soft_wrap=True)
             for line in lines[1:]:
                 err.print(line, markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -81,9 +82,9 @@ class _Group(typer.core.TyperGroup):
             if _debug() or e.errno not in _USER_ERRNOS or not e.filename:
                 _bug_hint(e)
                 raise
-            err.print(f"[red]error:[/red] {e.filename}: {e.strerror}; choose a folder you can "
-                      "write (--home, --out) or free some space", highlight=False,
-                      soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e.filename))}: {e.strerror}; choose a "
+                      "folder you can write (--home, --out) or free some space",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except Exception as e:
             _bug_hint(e)
@@ -122,11 +123,11 @@ def _load(path: Path, overrides: list[str] | None = None) -> SweepConfig:
         if _debug():
             raise
         if isinstance(e, ConfigError):  # every problem of the file, one per line
-            err.print(f"[red]error:[/red] {e.path}: {e.what}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(e.path)}: {e.what}", highlight=False)
             for line in e.errors:
                 err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         else:
-            err.print(f"[red]error:[/red] {e}")
+            err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
