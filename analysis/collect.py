@@ -20,7 +20,12 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from ikd_sweep.tracking import ROLE_SWEEP, ROLE_TRIAL, TAG  # the one table of tag names
+from ikd_sweep.tracking import (  # the one table of tag names
+    ROLE_SWEEP,
+    ROLE_TRIAL,
+    TAG,
+    sqlite_path,
+)
 from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
 
 # Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
@@ -263,6 +268,9 @@ def _dedupe(runs: pd.DataFrame) -> pd.DataFrame:
 
 def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     """The runs of ``sweep`` (the latest sweep when None) from the store at ``tracking_uri``."""
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():  # MLflow would create (and migrate) an empty one
+        raise LookupError(f"no tracking store at {db}; run a sweep first or pass --tracking-uri")
     client = _client(tracking_uri)
     parents = _parent_runs(client)
     names = []

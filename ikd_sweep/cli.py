@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,12 +19,22 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ikd_sweep.config import ConfigError, SweepConfig, default_home, load_sweep, parse_overrides
+from ikd_sweep.config import (
+    ConfigError,
+    SweepConfig,
+    check_search_value,
+    default_home,
+    load_sweep,
+    parse_overrides,
+)
+from ikd_sweep.errors import StoreError, UserError
 from ikd_sweep.trials import (
     HPARAMS,
     PickError,
@@ -35,11 +47,71 @@ from ikd_sweep.trials import (
     trial_record,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.",
-                  epilog="Example: ikd-sweep run sweeps/demo.yaml, then ikd-sweep report")
 console = Console()
 err = Console(stderr=True)
+
+# OS errors that mean "this path cannot be used here" (a read-only or full disk, a file where a
+# folder should be): the user's to fix, so one line and exit 2 rather than a traceback.
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+_DEBUG = False  # set by the app's callback on every invocation (--debug)
+
+
+def _debug() -> bool:
+    return _DEBUG or os.environ.get("IKD_SWEEP_DEBUG", "") not in ("", "0")
+
+
+class _Group(typer.core.TyperGroup):
+    """The one place where errors become messages: a user's error is one or two lines and exit
+    2; a bug keeps its traceback (`--debug` shows the traceback of both)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException,
+                click.exceptions.Abort):
+            raise
+        except UserError as e:
+            if _debug():
+                raise
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            err.print(f"[red]error:[/red] {escape(lines[0])}", highlight=False, soft_wrap=True)
+            for line in lines[1:]:
+                err.print(line, markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if _debug() or e.errno not in _USER_ERRNOS or not e.filename:
+                _bug_hint(e)
+                raise
+            err.print(f"[red]error:[/red] {escape(str(e.filename))}: {e.strerror}; choose a "
+                      "folder you can write (--home, --out) or free some space",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception as e:
+            _bug_hint(e)
+            raise
+
+
+def _bug_hint(e: BaseException) -> None:
+    err.print(f"[red]unexpected error[/red] ({type(e).__name__}): this is a bug in ikd-sweep or "
+              "an input it does not check yet; please report it with the traceback below",
+              highlight=False)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  help="Sweeps of Interactive Knowledge Distillation (IKD) vs KD.",
+                  epilog="Example: ikd-sweep run sweeps/demo.yaml, then ikd-sweep report")
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(
+        "--debug", envvar="IKD_SWEEP_DEBUG",
+        help="show the traceback of every error (also IKD_SWEEP_DEBUG=1)")] = False) -> None:
+    """Sweeps of Interactive Knowledge Distillation (IKD) vs KD."""
+    global _DEBUG
+    _DEBUG = debug
 
 SweepArg = Annotated[Path, typer.Argument(help="sweep YAML file, e.g. sweeps/demo.yaml")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override key=value, e.g. "
@@ -51,13 +123,15 @@ HomeOpt = Annotated[Path | None, typer.Option(help="working folder (default $IKD
 def _load(path: Path, overrides: list[str] | None = None) -> SweepConfig:
     try:
         return load_sweep(path, parse_overrides(overrides or []))
-    except ConfigError as e:
-        err.print(f"[red]error:[/red] {e.path}: invalid sweep file")
-        for line in e.errors:
-            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
+    except (ConfigError, ValueError) as e:
+        if _debug():
+            raise
+        if isinstance(e, ConfigError):  # every problem of the file, one per line
+            err.print(f"[red]error:[/red] {escape(e.path)}: {e.what}", highlight=False)
+            for line in e.errors:
+                err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -164,12 +238,26 @@ def train(
     from ikd_sweep.trial import run_trial
 
     cfg = _load(sweep, set_)
+    # The flags obey the sweep file's rules (search.<name>), not looser ones of their own.
+    for name, flag, value in (("seeds", "--seed", seed), ("temperature", "--temperature",
+                              temperature), ("exam_every", "--exam-every", exam_every),
+                              ("teacher_lr", "--teacher-lr", teacher_lr)):
+        if value is not None:
+            try:
+                check_search_value(name, value)
+            except ValueError as e:
+                raise typer.BadParameter(f"{value}: {e} (as search.{name} in a sweep file)",
+                                         param_hint=flag) from None
     try:
         trial = pick_trial(cfg, task, method, seed, temperature=temperature,
                            exam_every=exam_every, teacher_lr=teacher_lr)
     except PickError as e:
         raise typer.BadParameter(str(e), param_hint=e.option) from None
     root = _home(home)
+    from ikd_sweep.preflight import preflight
+
+    preflight(cfg, root, [trial], tracking_uri=_tracking_uri(tracking_uri, cfg.tracking.uri, root)
+              if track else None, source=sweep)
     run_dir = root / "single" / cfg.name / trial.trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint"
@@ -259,6 +347,22 @@ def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
     return resolve_tracking_uri(uri or cfg_uri, root)
 
 
+def _existing_store(uri: str | None, root: Path) -> str:
+    """The store to read from; never creates one (opening a new SQLite file creates it)."""
+    from ikd_sweep.tracking import resolve_tracking_uri, sqlite_path
+
+    if uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        if not (root / "mlflow.db").is_file():
+            raise StoreError(f"no tracking store at {root / 'mlflow.db'}; run a sweep first or "
+                             "pass --tracking-uri (or --home)")
+        return f"sqlite:///{root / 'mlflow.db'}"
+    resolved = resolve_tracking_uri(uri, root)
+    db = sqlite_path(resolved)
+    if db is not None and not db.is_file():
+        raise StoreError(f"no tracking store at {db}; run a sweep first or pass --tracking-uri")
+    return resolved
+
+
 def _confirm_plan(cfg: SweepConfig) -> list[tuple[str, str, int]]:
     """(task, method, seed) of each confirmation trial to come."""
     # The confirmation phase re-runs the setting the report selects per (task, method), which
@@ -335,6 +439,7 @@ def run(
         _print_trials(cfg)
         return
     from ikd_sweep import tune as ikd_tune
+    from ikd_sweep.preflight import preflight
     from ikd_sweep.progress import SweepView
     from ikd_sweep.tracking import SweepTracker, quiet_mlflow
     from ikd_sweep.tune import run_sweep
@@ -345,12 +450,15 @@ def run(
     root = _home(home)
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
+    disk = preflight(cfg, root, expand_trials(cfg), tracking_uri=uri,  # before Ray starts
+                     source=sweep)
     tracker = SweepTracker(uri, cfg.experiment)
     search = expand_trials(cfg)
     n = planned_trial_count(cfg)
     confirm = (f" + confirmation on seeds {cfg.search.confirm_seeds}"
                if cfg.search.confirm_seeds else "")
-    err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root}; tracking {uri}")
+    err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root} (checkpoints: "
+              f"about {disk}); tracking {uri}")
     t0 = time.time()
     from ikd_sweep.files import SweepBusy
     from ikd_sweep.tune import ResourceError
@@ -439,7 +547,11 @@ def report(
         raise typer.BadParameter(f"unknown format(s) {bad}; use md, csv, latex, html or all",
                                  param_hint="--format")
     root = _home(home)
-    uri = _tracking_uri(tracking_uri, None, root)
+    uri = _existing_store(tracking_uri, root)
+    if out is not None:
+        from ikd_sweep.preflight import writable
+
+        writable(out, "--out", "pass a folder you can write", create=False)
     try:
         text, files = make_report(sweep, uri, formats, out)
     except (NoFinishedRuns, LookupError) as e:
@@ -507,6 +619,12 @@ def ui(
 ) -> None:
     """Browse the runs in the MLflow UI (bound to localhost unless told otherwise)."""
     uri = _tracking_uri(tracking_uri, None, _home(home))
+    with socket.socket() as s:  # mlflow would start, fail to bind, and still exit 0
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot serve on {host}:{port}: {e.strerror}; another program "
+                            "(another `ikd-sweep ui`?) uses it; pick one with --port") from None
     cmd = ui_command(uri, host=host, port=port)
     err.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
     try:

@@ -13,20 +13,36 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
+from ikd_sweep.errors import UserError
 from ikd_sweep.tasks import TASKS
 
 METHODS = ("finetune", "kd", "ikd")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+# Strict ints: `max_steps: true` or `epochs_int: 2.5` is a mistake, not 1 or 2. Floats stay lax
+# because YAML 1.1 reads `1e-5` as a string.
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+# numpy, torch and scikit-learn take seeds in [0, 2**32).
+SEED_LIMIT = 2**32
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, strict=True)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: `lr: .inf` or `nan` would train to NaN instead of failing here.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -39,7 +55,7 @@ class DataConfig(_Strict):
     # True: finetune/kd train on train - val (quiz rows included), ikd on train - val - quiz,
     # so every method sees the same labelled rows. False: every method trains on
     # train - val - quiz (the pre-protocol behaviour).
-    quiz_parity: bool = True
+    quiz_parity: StrictBool = True
     max_train_samples: PositiveInt | None = None
     max_eval_samples: PositiveInt | None = None
 
@@ -88,9 +104,9 @@ class TrainConfig(_Strict):
     eval_every: PositiveInt | None = None
     log_every: PositiveInt = 10
     max_steps: PositiveInt | None = None
-    seed_base: int = 0
+    seed_base: int = Field(0, ge=0, lt=SEED_LIMIT, strict=True)
     # torch.compile the course-step forwards on CUDA (ignored, with a message, on CPU).
-    compile: bool = False
+    compile: StrictBool = False
 
 
 class IkdConfig(_Strict):
@@ -112,10 +128,10 @@ class SearchConfig(_Strict):
     exam_every: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10])
     # 0 is the control: ikd through the same code path with a teacher that never moves.
     teacher_lr: list[NonNegativeFloat] = Field(default_factory=lambda: [1e-6, 5e-6, 1e-5])
-    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    seeds: list[Seed] = Field(default_factory=lambda: [1, 2, 3])
     # Fresh seeds on which each method's selected setting is re-run after the search; the
     # headline table uses these runs when they exist. Must not overlap `seeds`.
-    confirm_seeds: list[int] = Field(default_factory=list)
+    confirm_seeds: list[Seed] = Field(default_factory=list)
     # grid: every combination. random: num_samples points per (task, method) drawn from the
     # ranges the lists span (log-uniform over the positive teacher_lr values; a listed 0 adds
     # a teacher_lr 0 control twin of every drawn ikd point), each run with every seed.
@@ -185,7 +201,7 @@ class SweepConfig(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     resources: Resources = Field(default_factory=Resources)
     max_concurrent_trials: PositiveInt | None = None
-    max_failures: int = Field(1, ge=0)
+    max_failures: int = Field(1, ge=0, strict=True)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("tasks")
@@ -217,6 +233,16 @@ class SweepConfig(_Strict):
                 {"field": "ikd.estimator", "tasks": ", ".join(regression)})
         return self
 
+    @model_validator(mode="after")
+    def _seeds_in_range(self) -> SweepConfig:
+        # A trial trains with seed_base + seed (trials.trial_seed): that sum must be a valid seed.
+        top = self.train.seed_base + max([*self.search.seeds, *self.search.confirm_seeds])
+        if top >= SEED_LIMIT:
+            raise PydanticCustomError(
+                "seed_range", "train.seed_base + seed is {top}; it must stay below 2**32",
+                {"field": "train.seed_base", "top": top})
+        return self
+
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
@@ -225,13 +251,47 @@ class SweepConfig(_Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A sweep file that does not validate; `errors` holds one readable line per problem."""
 
-    def __init__(self, path: str | Path, errors: list[str]):
+    def __init__(self, path: str | Path, errors: list[str], what: str = "invalid sweep file"):
         self.path = str(path)
         self.errors = errors
-        super().__init__(f"{path}: invalid sweep file\n" + "\n".join(f"  {e}" for e in errors))
+        self.what = what
+        super().__init__(f"{path}: {what}\n" + "\n".join(f"  {e}" for e in errors))
+
+    def __reduce__(self):  # picklable across Ray processes despite the extra arguments
+        return (type(self), (self.path, self.errors, self.what))
+
+
+def check_search_value(name: str, value: Any) -> Any:
+    """One value for `search.<name>` given elsewhere (a CLI flag of `ikd-sweep train`), checked
+    by the rules of the sweep file; raises ValueError with pydantic's reason."""
+    field = SearchConfig.model_fields[name]
+    adapter = TypeAdapter(field.annotation, config=ConfigDict(allow_inf_nan=False))
+    try:
+        return adapter.validate_python([value])[0]
+    except ValidationError as e:
+        raise ValueError("; ".join(err["msg"] for err in e.errors())) from None
+
+
+def _duplicate_keys(node: yaml.Node | None, path: Path) -> list[str]:
+    """Keys given twice in one mapping: YAML keeps the last silently, which hides a typo."""
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for k, v in node.value:
+            line = k.start_mark.line + 1
+            if k.value in first:
+                found.append(f"{path}:{line}: {k.value}: duplicate key (first at line "
+                             f"{first[k.value]}); keep one")
+            else:
+                first[k.value] = line
+            found += _duplicate_keys(v, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            found += _duplicate_keys(v, path)
+    return found
 
 
 def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
@@ -267,7 +327,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}", [
+                f"the value {v!r} is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                "quote it, e.g. --set 'train.lr=1e-4' or --set 'search.seeds=[1, 2]'"],
+                what="invalid override") from None
     return out
 
 
@@ -308,9 +374,14 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     """Read and validate a sweep YAML; raise ConfigError naming file, line and field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(path, [f"cannot read the file: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(path, [f"{path}:{line}: not a text (UTF-8) file: byte "
+                                 f"0x{e.object[e.start]:02x} at offset {e.start}; a sweep file "
+                                 "is YAML text"]) from None
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -318,6 +389,8 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(path, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if dup := _duplicate_keys(node, path):
+        raise ConfigError(path, dup)
     if not isinstance(raw, dict):
         raise ConfigError(path, [f"{path}: the top level must be a mapping of keys "
                                  "(name, tasks, …)"])

@@ -16,8 +16,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +32,16 @@ from sklearn.model_selection import train_test_split
 from torch.nn.utils.rnn import pad_sequence
 
 from ikd_sweep.config import DataConfig
+from ikd_sweep.errors import CacheError, UserError
 from ikd_sweep.files import atomic_path
 from ikd_sweep.tasks import Task, get_task
 
 # One progress bar per split per trial would bury the sweep's own output.
 disable_progress_bars()
+_log = logging.getLogger(__name__)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Missing files, malformed rows or bad labels; the message names the file and line."""
 
 
@@ -69,8 +73,15 @@ def read_glue_tsv(task: Task, path: Path) -> dict[str, list]:
         raise DataError(f"{path}: file not found (expected the original GLUE {task.glue_folder} "
                         f"TSV; data.glue_dir must point at the folder holding {task.glue_folder}/)")
     # utf-8-sig strips MRPC's BOM; QUOTE_NONE because GLUE text contains bare quotes.
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                        "save the file as UTF-8") from None
+    if not rows:
+        raise DataError(f"{path}: the file is empty (expected a header and data rows)")
     cols: dict[str, list] = {name: [] for name in (*task.text_fields, "label")}
     if task.name == "cola":  # no header: source, label, original label, sentence
         header, body, text_idx, label_idx = None, rows, {"sentence": 3}, 1
@@ -127,6 +138,9 @@ def load_raw(task: Task, data: DataConfig) -> dict[str, dict[str, list]]:
         raise DataError(f"task {task.name} is not shipped by a package; use data.source "
                         "hub or glue_dir")
     if data.source == "glue_dir":
+        if not Path(data.glue_dir).is_dir():
+            raise DataError(f"data.glue_dir {data.glue_dir} does not exist; point it at the "
+                            f"folder holding {task.glue_folder}/ (the original GLUE TSVs)")
         folder = Path(data.glue_dir) / task.glue_folder
         return {split: read_glue_tsv(task, folder / f"{split}.tsv")
                 for split in ("train", *task.dev_splits)}
@@ -184,8 +198,10 @@ def _tokenize_fn(tokenizer, fields: tuple[str, ...], max_length: int):
     return lambda b: tokenizer(*[b[f] for f in fields], truncation=True, max_length=max_length)
 
 
-def tokenize_splits(task: Task, data: DataConfig, tokenizer, cache_dir: Path) -> dict[str, Split]:
-    """Tokenized `train` and dev splits, from the on-disk cache when present."""
+def tokenize_splits(task: Task, data: DataConfig, tokenizer, cache_dir: Path,
+                    _rebuilt: bool = False) -> dict[str, Split]:
+    """Tokenized `train` and dev splits, from the on-disk cache when present (a corrupt cache
+    entry is deleted and built again)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     splits = ("train", *task.dev_splits)
     keys = {s: cache_dir / _cache_key(task, data, tokenizer, s) for s in splits}
@@ -201,7 +217,24 @@ def tokenize_splits(task: Task, data: DataConfig, tokenizer, cache_dir: Path) ->
             # identical and the first one stays.
             with atomic_path(path, first_wins=True) as tmp:
                 ds.save_to_disk(str(tmp))
-    return {s: _to_split(load_from_disk(str(p))) for s, p in keys.items()}
+    out = {s: _cached_split(p) for s, p in keys.items()}
+    if any(v is None for v in out.values()):  # a corrupt entry was dropped: build it again
+        if _rebuilt:
+            raise CacheError(f"tokenized data under {cache_dir} cannot be read even after a "
+                             "rebuild; delete the folder and check the disk")
+        return tokenize_splits(task, data, tokenizer, cache_dir, _rebuilt=True)
+    return out  # type: ignore[return-value]
+
+
+def _cached_split(path: Path) -> Split | None:
+    """The cached split at `path`; None (and the entry deleted) when it cannot be read."""
+    try:
+        return _to_split(load_from_disk(str(path)))
+    except Exception as e:  # datasets raises many types for a damaged folder
+        _log.warning("cached tokenized data at %s is corrupt (%s: %s); rebuilding", path,
+                     type(e).__name__, e)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
 
 
 # ----------------------------------------------------------------------------- splitting

@@ -20,23 +20,57 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from filelock import FileLock
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import TaskData, iterate, prepare_data
+from ikd_sweep.errors import CacheError
 from ikd_sweep.files import atomic_path
 from ikd_sweep.models import autocast, build_model, load_tokenizer, model_inputs
 from ikd_sweep.trainer import Callback, FitSettings, evaluate, fit, pick_device, seed_everything
 from ikd_sweep.trials import trial_seed
 
 DONE = "DONE"
+_log = logging.getLogger(__name__)
+
+
+def _intact(folder: Path) -> bool:
+    """Whether a cached teacher's files are whole: each safetensors file as long as its header
+    says (a truncated copy or a full disk leaves it shorter) and metrics.json readable."""
+    try:
+        weights = list(folder.glob("*.safetensors"))
+        for f in weights:
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+            if f.stat().st_size != 8 + n + end:
+                return False
+        json.loads((folder / "metrics.json").read_text())
+        return bool(weights)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _cached(out: Path, warn: bool = False) -> bool:
+    if not (out / DONE).exists():
+        return False
+    if _intact(out):
+        return True
+    if warn:
+        _log.warning("cached teacher at %s is corrupt; rebuilding", out)
+    return False
 
 
 def teacher_key(cfg: SweepConfig, task: str, seed: int) -> str:
@@ -103,11 +137,11 @@ def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
     `attempt` (a sweep run's id): a failure is remembered for this attempt, and raised again
     as `TeacherFailed` by every later call of the same attempt."""
     out = teacher_dir(cfg, task, seed, home)
-    if (out / DONE).exists():
+    if _cached(out):
         return out
     marker = _failure_marker(out)
     with _locked(out.with_name(out.name + ".lock")):
-        if (out / DONE).exists():  # trained by another process while we waited
+        if _cached(out, warn=True):  # trained by another process while we waited
             return out
         if attempt is not None and marker.exists():
             try:
@@ -162,7 +196,12 @@ def teacher_metrics(path: Path) -> dict[str, float]:
 
 
 def load_teacher(path: Path) -> PreTrainedModel:
-    return AutoModelForSequenceClassification.from_pretrained(path)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path)
+    except (OSError, ValueError, SafetensorError) as e:
+        (Path(path) / DONE).unlink(missing_ok=True)  # so that the next run rebuilds it
+        raise CacheError(f"cached teacher at {path} is corrupt ({type(e).__name__}: {e}); "
+                         "re-run to rebuild it") from None
 
 
 @torch.no_grad()
@@ -179,7 +218,13 @@ def train_logits(path: Path, data: TaskData, device: torch.device,
     def cached() -> torch.Tensor | None:  # only logits computed for these very rows
         if not cache.exists():
             return None
-        saved = torch.load(cache)
+        try:
+            saved = torch.load(cache)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            _log.warning("cached teacher logits at %s are corrupt (%s); rebuilding", cache,
+                         str(e).strip().split(". ")[0][:160])
+            cache.unlink(missing_ok=True)
+            return None
         return saved["logits"] if torch.equal(saved["rows"], torch.as_tensor(rows)) else None
 
     if (hit := cached()) is not None:

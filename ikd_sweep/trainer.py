@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
 import random
 import time
 from collections.abc import Iterator
@@ -467,7 +468,15 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
     sel: dict[str, float] = {"sel/val_main": -math.inf, "sel/dev_main": math.nan, "sel/step": 0}
     last_eval: dict[str, float] | None = None
     if resume_from is not None:
-        st = torch.load(Path(resume_from) / "state.pt", map_location="cpu", weights_only=False)
+        state_file = Path(resume_from) / "state.pt"
+        try:
+            st = torch.load(state_file, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            from ikd_sweep.errors import CacheError
+
+            why = str(e).strip().split(". ")[0][:160]  # torch's message runs on for lines
+            raise CacheError(f"checkpoint {state_file} cannot be read ({type(e).__name__}: "
+                             f"{why}); delete it or run without --resume") from None
         student.load_state_dict(st["student"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])

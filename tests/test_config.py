@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ikd_sweep.config import ConfigError, SweepConfig, load_sweep, parse_overrides
+from ikd_sweep.config import (
+    ConfigError,
+    SweepConfig,
+    check_search_value,
+    load_sweep,
+    parse_overrides,
+)
 from ikd_sweep.tasks import TASKS
 from ikd_sweep.trials import (
     METHOD_HPARAMS,
@@ -529,3 +535,48 @@ def test_trial_seed_is_seed_base_plus_seed_for_trials_and_teachers():
     cfg = SweepConfig.model_validate({**sweep().model_dump(), "train": {"seed_base": 100}})
     assert trial_seed(cfg, Trial("rte", "kd", 3, 2.0)) == 103
     assert trial_seed(cfg, 3) == 103  # the teacher of seed 3 splits the data the same way
+
+
+def test_holes_a_lax_schema_let_through_are_errors(tmp_path):
+    """Infinite numbers, booleans or floats for ints, duplicate keys and out-of-range seeds
+    were accepted silently (last key wins, `true` taken as 1, `.inf` trains to NaN)."""
+    path = write_sweep(tmp_path, append=["data:", "  quiz_parity: true"])
+    # last-wins would drop data.source silently: both lines are named instead
+    assert errors_of(path) == [f"{path}:25: data: duplicate key (first at line 4); keep one"]
+    path = write_sweep(tmp_path, {14: "  lr: .inf", 15: "  epochs: .nan",
+                                  24: "  seeds: [-5, 1.0e+20]"},
+                       append=["  confirm_seeds: [4294967296]", "  algorithm: grid"])
+    errors = "\n".join(errors_of(path, {"train.max_steps": True, "data.quiz_parity": 1}))
+    for where, msg in [(14, "train.lr: Input should be a finite number"),
+                       (15, "train.epochs: Input should be a finite number"),
+                       (24, "search.seeds.0: Input should be greater than or equal to 0"),
+                       (24, "search.seeds.1: Input should be a valid integer"),
+                       (25, "search.confirm_seeds.0: Input should be less than 4294967296"),
+                       (13, "train.max_steps: Input should be a valid integer"),
+                       (4, "data.quiz_parity: Input should be a valid boolean")]:
+        assert f"{path}:{where}: {msg}" in errors, errors
+
+
+def test_cli_values_obey_the_file_rules():
+    assert check_search_value("temperature", "2") == 2.0  # a flag's text, as the file's
+    for name, value, msg in [("exam_every", 0, "greater than 0"),
+                             ("exam_every", True, "valid integer"),
+                             ("temperature", float("inf"), "finite number"),
+                             ("teacher_lr", -1.0, "greater than or equal to 0"),
+                             ("seeds", 2**32, "less than 4294967296")]:
+        with pytest.raises(ValueError, match=msg):
+            check_search_value(name, value)
+
+
+def test_a_broken_override_names_itself():
+    with pytest.raises(ConfigError) as exc:
+        parse_overrides(["train.lr=[1"])
+    assert exc.value.path == "--set 'train.lr=[1'" and exc.value.what == "invalid override"
+    assert "not valid YAML" in exc.value.errors[0]
+
+
+def test_a_binary_file_is_named(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(b"name: t\n\xff\xfe\x00\x01")
+    assert errors_of(path) == [f"{path}:2: not a text (UTF-8) file: byte 0xff at offset 8; a "
+                               "sweep file is YAML text"]

@@ -1,0 +1,24 @@
+"""Errors a user causes (bad files, paths, flags, caches, stores) and the CLI reports in one or
+two lines with exit 2. Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: the message names the file (and line or field) and what to do about it."""
+
+
+class ModelError(UserError):
+    """A model that cannot be resolved or does not fit the sweep (path, hub id, layers)."""
+
+
+class CacheError(UserError):
+    """A cache entry or checkpoint that cannot be read; the message names its path."""
+
+
+class StoreError(UserError):
+    """A tracking store that is missing, unreachable or not writable."""
+
+
+class PreflightError(UserError):
+    """A sweep that cannot run here (e.g. not enough disk for its checkpoints)."""
