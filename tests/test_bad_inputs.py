@@ -132,11 +132,14 @@ def busy_port(e: Env, listen: bool) -> int:
 
 
 def truncated_checkpoint(e: Env) -> list[str]:
-    """A copy of the finished run's checkpoint cut short, in a home of its own."""
+    """A resumable checkpoint cut short (a finished trial keeps none: it is deleted at the end,
+    so a torch.save of the trial's size is written and truncated), in a home of its own."""
+    import torch
+
     home = e.tmp / "resume-home"
-    src = e.home / "single" / SWEEP / "rte-finetune-s1"
-    shutil.copytree(src, home / "single" / SWEEP / "rte-finetune-s1")
     state = home / "single" / SWEEP / "rte-finetune-s1" / "checkpoint" / "state.pt"
+    state.parent.mkdir(parents=True)
+    torch.save({"step": 3, "student": {"w": torch.zeros(4096)}}, state)
     state.write_bytes(state.read_bytes()[:1000])
     return ["train", str(e.base), "--task", "rte", "--method", "finetune", "--resume",
             "--no-track", "--home", str(home)]
