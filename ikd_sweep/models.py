@@ -78,7 +78,7 @@ def model_config(spec: ModelConfig, field: str = "model") -> PretrainedConfig:
         where = (f"{field}.model {spec.model!r}: cannot read its config ({first})" if
                  _is_path(spec.model) or spec.model == MINILM else
                  f"{field}.model {spec.model!r}: not a local folder, and the Hugging Face hub "
-                 f"could not give it ({first}). Offline? use a local path or `minilm`")
+                 f"could not give it; offline? use a local path or `minilm` ({first})")
         raise ModelError(where) from None
     have = getattr(config, "num_hidden_layers", None)
     if spec.init == "pretrained" and spec.num_layers and have and spec.num_layers > have:

@@ -209,7 +209,7 @@ CASES = [
                student={"model": "/no/such/model"}, cmd="run"),
     Case("hub-id-offline", lambda e: ["run", str(write_sweep(
         e.tmp, "hub", teacher={"model": "no-org/no-such-model"}))],
-         ["teacher.model 'no-org/no-such-model'", "Offline? use a local path or `minilm`"],
+         ["teacher.model 'no-org/no-such-model'", "offline? use a local path or `minilm`"],
          env={"HF_HUB_OFFLINE": "1"}, sub=True),  # read by huggingface_hub at import
     sweep_case("student-layers", "student.num_layers is 50", "has 6 layers",
                student={"model": "minilm", "num_layers": 50}, cmd="train"),
