@@ -22,7 +22,7 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.parametrize("sweep,trials", [("glue.yaml", 984), ("demo.yaml", 10)])
+@pytest.mark.parametrize("sweep,trials", [("glue.yaml", 984), ("demo.yaml", 5)])
 def test_shipped_sweeps_validate(sweep, trials):
     path = REPO / "sweeps" / sweep
     result = validate(path)
