@@ -73,17 +73,19 @@ def _average(per: pd.DataFrame, effect: float) -> dict[str, float]:
 
 
 def compare(scores: pd.DataFrame, selected: pd.DataFrame, average: pd.DataFrame,
-            avg_tasks: list[str], tasks: list[str], scale: float = 1.0) -> pd.DataFrame:
+            avg_tasks: list[str], tasks: list[str], scale: float = 1.0,
+            effect_pt: float = EFFECT_PT) -> pd.DataFrame:
     """a − b for each pair in :data:`COMPARISONS` on every task where both have a result.
-    ``scale`` is the display scale (100 for GLUE fractions): :data:`EFFECT_PT` is in its
-    points. ``source`` is ``confirm`` where both methods' cells come from confirmation seeds."""
+    ``scale`` is the display scale (100 for GLUE fractions): ``effect_pt``, the effect that
+    ``seeds_for_effect`` plans for, is in its points. ``source`` is ``confirm`` where both
+    methods' cells come from confirmation seeds."""
     if scores.empty:
         return pd.DataFrame(columns=COLUMNS)
     wide = scores.set_index(["task", "seed", "method"])["score"].unstack("method")
     sel = selected.set_index(["task", "method"])[["mean", "n_settings", "source"]]
     by_method = {m: sel.xs(m, level="method") for m in sel.index.unique("method")}
     avg = average.set_index("method")["mean"] if not average.empty else pd.Series(dtype=float)
-    effect = EFFECT_PT / scale
+    effect = effect_pt / scale
     frames = []
     for a, b in COMPARISONS:
         if a not in wide.columns or b not in wide.columns:

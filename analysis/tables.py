@@ -34,7 +34,7 @@ import pandas as pd
 from scipy import special
 
 from analysis.compare import COLUMNS as COMPARISON_COLUMNS
-from analysis.compare import compare
+from analysis.compare import EFFECT_PT, compare
 from analysis.frames import (
     AVG,
     CONTROL,
@@ -390,12 +390,14 @@ def _best_runs(ix: Index) -> pd.DataFrame:
 
 
 def build_report(
-    runs: pd.DataFrame, expected: pd.DataFrame | None, sweep: str = "", stats: bool = True
+    runs: pd.DataFrame, expected: pd.DataFrame | None, sweep: str = "", stats: bool = True,
+    effect_pt: float = EFFECT_PT,
 ) -> Report:
     """All tables of a sweep from its runs (``collect.SweepRuns.runs``) and expected trials
     (``collect.SweepRuns.expected``; may be empty). See the module docstring for the protocol.
     ``stats=False`` skips the comparisons and the budget-fair view (left empty): the selection
-    and its reported numbers alone, for callers that need just ``selected`` or ``scores``."""
+    and its reported numbers alone, for callers that need just ``selected`` or ``scores``.
+    ``effect_pt``: the effect (displayed points) that ``comparisons.seeds_for_effect`` plans for."""
     ix = setting_index(runs, expected)
     candidates = _candidates(ix)
     selected, scores = _reported(ix, _pick(candidates))
@@ -407,7 +409,7 @@ def build_report(
     comparisons = pd.DataFrame(columns=COMPARISON_COLUMNS)
     budget = pd.DataFrame(columns=["task", "method", "n", "expected_dev", "n_settings"])
     if stats:
-        comparisons = compare(scores, selected, average, avg_tasks, tasks, scale)
+        comparisons = compare(scores, selected, average, avg_tasks, tasks, scale, effect_pt)
         budget = budget_curves(candidates)
     status = trial_status(ix)
     return Report(
