@@ -18,6 +18,7 @@ from scipy import stats
 from analysis import render
 from analysis.collect import collect, latest_sweep_name
 from analysis.display import SEARCH_LABEL, headline_warning
+from analysis.plan import plan_seeds
 from analysis.plots import make_plots
 from analysis.report import NoFinishedRuns, make_report, normalize_formats
 from analysis.stats import holm
@@ -679,3 +680,23 @@ def test_budget_curve_matches_enumeration() -> None:
         picks = [dev[list(c)][np.argmax(val[list(c)])] for c in combinations(range(7), n)]
         assert curve[n - 1] == pytest.approx(np.mean(picks))
     assert curve[-1] == pytest.approx(dev[np.argmax(val)])
+
+
+def test_plan_from_the_search_phase(glue_store) -> None:
+    from typer.testing import CliRunner
+
+    from ikd_sweep.cli import app
+
+    uri, _ = glue_store
+    data = collect("glue_demo", uri)
+    frame, scale = plan_seeds(data.runs, data.expected, effect_pt=0.5)
+    row = frame.set_index(["task", "comparison"]).loc[("sst2", "ikd-kd")]
+    # Search seeds of the selected settings (T=1 both): ikd − kd = [.03, .04, .05], sd .01.
+    assert row["n_pairs"] == 3 and row["sd"] == pytest.approx(0.01)
+    assert row["seeds_needed"] == 34  # power(.005 √n / .01, n − 1) reaches .8 at n = 34
+    result = CliRunner().invoke(app, ["plan", "glue_demo", "--tracking-uri", uri, "--effect",
+                                      "0.5"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "detect 0.5 pt" in result.stdout and "sst2 34" in result.stdout
+    bad = CliRunner().invoke(app, ["plan", "nope", "--tracking-uri", uri])
+    assert bad.exit_code == 2 and "known sweeps" in bad.output
