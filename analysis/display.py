@@ -320,7 +320,7 @@ def notes(report: Report) -> list[str]:
                 f"{SEARCH_LABEL}: no confirmation runs (search.confirm_seeds), so cells use the "
                 "search seeds that also selected the setting. A run lucky on val is lucky on "
                 "dev too, so these favour the method given more settings (A/A simulation: "
-                "about +0.5 pt for 36 vs 4 settings); `ikd-sweep plan` says how many "
+                "+0.42 pt for 36 vs 4 settings); `ikd-sweep plan` says how many "
                 "confirmation seeds to run."
             )
         elif sources:
