@@ -1,8 +1,11 @@
 """From MLflow records to KD-vs-IKD tables and plots.
 
-``collect`` (the only MLflow module here) -> tidy DataFrames -> ``tables`` (model selection,
-paired tests) -> ``plots`` / ``render`` -> ``report.make_report`` (what ``ikd-sweep report`` runs).
-Submodules are imported on demand so that importing the package stays cheap.
+``collect`` (the only MLflow module here) -> tidy DataFrames (``frames``) -> ``tables``
+(selection, reported runs; ``compare`` with ``stats``: intervals, tests, power; ``status``) ->
+``plots`` / ``display`` -> ``render`` -> ``report.make_report`` (what ``ikd-sweep report``
+runs); ``plan`` (``ikd-sweep plan``); ``simulate`` (A/A tests). Submodules are imported on
+demand so that importing the package stays cheap.
 """
 
-__all__ = ["collect", "plots", "render", "report", "simulate", "tables"]
+__all__ = ["collect", "compare", "display", "frames", "plan", "plots", "render", "report",
+           "simulate", "stats", "status", "tables"]

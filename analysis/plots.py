@@ -19,7 +19,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.tables import CONTROL, HPARAMS, Report, display_scale, setting_mask
+from analysis.frames import CONTROL, setting_mask
+from analysis.tables import Report
+from ikd_sweep.trials import HPARAMS
 
 _log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def _sensitivity(
     series = {m: s for m, s in series.items() if s is not None}
     if not series or max(len(s) for s in series.values()) < 2:
         return None  # one point is not a curve
-    scale = display_scale(report.candidates["mean"])
+    scale = report.scale
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     for method, pts in series.items():
@@ -130,7 +132,7 @@ def _budget(report: Report, task: str, path: Path) -> Path | None:
     curves = report.budget[report.budget["task"].eq(task)]
     if curves.empty or curves["n_settings"].max() < 2:
         return None
-    scale = display_scale(report.candidates["mean"])
+    scale = report.scale
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     for method, pts in curves.groupby("method", sort=False):
@@ -166,7 +168,7 @@ def _curves(
 ) -> Path | None:
     drawn = False
     # Same units as the tables (×100 for fractions).
-    scale = display_scale(report.candidates["mean"]) if not report.candidates.empty else 1.0
+    scale = report.scale
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.add_subplot()
     for method in methods:

@@ -1,16 +1,20 @@
-"""A/A simulation of the report: how far does ``analysis.tables.build_report`` move the headline
-IKD − KD difference when no method is better than another?
+"""A/A simulation of the report: does ``analysis.tables.build_report`` keep the headline
+IKD − KD at zero when no method is better, do its intervals cover, do its tests hold their level?
 
-    .venv/bin/python benchmarks/aa_simulation.py                       # issue 9's setup
-    .venv/bin/python benchmarks/aa_simulation.py --confirm-seeds 5     # with a confirmation phase
-    .venv/bin/python benchmarks/aa_simulation.py --effect 1            # a true +1 point IKD gain
+    .venv/bin/python benchmarks/aa_simulation.py                 # both noise models, 1000 sweeps
+    .venv/bin/python benchmarks/aa_simulation.py --effect 1      # a true +1 point IKD gain
 
-Each simulated sweep (5 tasks × 3 search seeds, IKD 36 settings vs KD 4, noise sd 1 point,
-20 % of IKD trials failing at random; see ``analysis.simulate``) is reported on its own, exactly
-as ``ikd-sweep report`` would. Printed: the mean Avg-row IKD − KD, the share of sweeps in which
-IKD is ahead, and how often the per-task paired test rejects at p < 0.05. Only columns present
-before and after issue 9 (``comparisons``: task, comparison, diff, p_value) are read, so the same
-script measures both protocols.
+Each simulated sweep: 5 tasks × 3 search seeds, IKD 36 settings vs KD 4 (sweeps/glue.yaml's
+grid), see ``analysis.simulate`` for the two noise models ("shared": a run's luck shared by val
+and dev, val noisier than dev, per-seed effects, IKD 1.5x noisier, 20 % IKD failures and 10 %
+early stops in the search, 10 % IKD failures in the confirmation; "independent": independent
+val and dev noise of 1 point). All sweeps of a setup go through one ``build_report`` call, each
+sweep's tasks named ``s<k>-t<j>``; each sweep's Avg row is rebuilt from its tasks' rows with the
+report's own ``stats.welch_average`` (tests/test_aa.py checks that this equals the report of
+that sweep alone). Printed per setup: the mean Avg IKD − KD, the share of sweeps with IKD ahead,
+how often the per-task and Avg 95 % intervals cover the truth, the per-task t-test's rejection
+rate at p < 0.05, the median minimum detectable effect (per task and Avg), and how often the
+probability-of-improvement interval covers the true probability (1/2 with no effect).
 """
 
 from __future__ import annotations
@@ -21,71 +25,68 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis import stats  # noqa: E402
 from analysis.simulate import SimSpec, simulate  # noqa: E402
-from analysis.tables import build_report  # noqa: E402
+from analysis.tables import build_report, select_settings  # noqa: E402
+
+
+def measure(spec: SimSpec, sweeps: int, seed: int) -> dict[str, float]:
+    report = build_report(*simulate(seed, spec, select_settings, n_sweeps=sweeps), "aa")
+    comp = report.comparisons
+    tasks = comp[comp["comparison"].eq("ikd-kd") & comp["task"].ne("Avg")]
+    truth = spec.effect
+    avg, avg_cover, avg_mde = [], [], []
+    for _, g in tasks.groupby(tasks["task"].str.split("-").str[0].to_numpy()):
+        mean, se, df = stats.welch_average(g["diff"], g["se"], g["df"])
+        avg.append(mean)
+        if np.isfinite(se):
+            lo, hi = scipy_stats.t.interval(0.95, df, mean, se)
+            avg_cover.append(lo <= truth <= hi)
+            avg_mde.append(stats.mde(np.array([se]), np.array([df]))[0])
+    have = tasks.dropna(subset=["ci_low"])
+    p = tasks["p_value"].dropna()
+    # With no effect P(IKD > KD) is 1/2 on every seed; with one, it depends on the task's noise.
+    imp = tasks.dropna(subset=["p_improve_low"])
+    avg = np.array(avg)
+    return {
+        "avg": 100 * np.nanmean(avg),
+        "ahead": 100 * np.mean(avg[np.isfinite(avg)] > 0),
+        "task_cov": 100 * np.mean((have["ci_low"] <= truth) & (truth <= have["ci_high"])),
+        "avg_cov": 100 * np.mean(avg_cover) if avg_cover else np.nan,
+        "avg_defined": 100 * len(avg_cover) / len(avg),
+        "reject": 100 * np.mean(p < 0.05),
+        "mde": 100 * tasks["mde"].median(),
+        "avg_mde": 100 * np.median(avg_mde) if avg_mde else np.nan,
+        "imp_cov": 100 * np.mean((imp["p_improve_low"] <= 0.5) & (0.5 <= imp["p_improve_high"]))
+        if truth == 0 else np.nan,
+        "seeds_05": tasks["seeds_for_effect"].median(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweeps", type=int, default=200)
-    parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=3, help="search seeds per setting")
-    parser.add_argument("--confirm-seeds", type=int, default=0, help="0: no confirmation phase")
-    parser.add_argument("--ikd-settings", type=int, default=36)
-    parser.add_argument("--kd-settings", type=int, default=4)
-    parser.add_argument("--fail", type=float, default=0.2, help="share of IKD trials failing")
-    parser.add_argument("--noise", type=float, default=1.0, help="noise sd in points")
+    parser.add_argument("--sweeps", type=int, default=1000)
     parser.add_argument("--effect", type=float, default=0.0, help="true IKD gain in points")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    spec = SimSpec(
-        n_tasks=args.tasks,
-        search_seeds=tuple(range(1, args.seeds + 1)),
-        confirm_seeds=tuple(range(args.seeds + 1, args.seeds + 1 + args.confirm_seeds)),
-        kd_settings=args.kd_settings,
-        ikd_settings=args.ikd_settings,
-        noise=args.noise / 100,
-        effect=args.effect / 100,
-        ikd_fail=args.fail,
-    )
-    avg, task_p, task_diff = [], [], []
-    start = time.perf_counter()
-    for k in range(args.sweeps):
-        runs, expected = simulate(
-            args.seed * 100_003 + k, spec, lambda r, e: build_report(r, e).selected
-        )
-        comp = build_report(runs, expected, "aa").comparisons
-        comp = comp[comp["comparison"].eq("ikd-kd")]
-        tasks = comp[comp["task"].ne("Avg")]
-        avg.append(float(comp.loc[comp["task"].eq("Avg"), "diff"].iloc[0]) * 100)
-        task_p += list(tasks["p_value"].astype(float))
-        task_diff += list(tasks["diff"].astype(float) * 100)
-    elapsed = time.perf_counter() - start
-    avg_a, p = np.array(avg), np.array(task_p)
-    # A sweep has no Avg difference when a task has no pair (all its IKD seeds failed).
-    has_avg = np.isfinite(avg_a)
-    tested = p[np.isfinite(p)]
-    print(
-        f"sweeps={args.sweeps} tasks={args.tasks} search_seeds={args.seeds} "
-        f"confirm_seeds={args.confirm_seeds} ikd_settings={args.ikd_settings} "
-        f"kd_settings={args.kd_settings} ikd_fail={args.fail:g} noise={args.noise:g}pt "
-        f"effect={args.effect:+g}pt"
-    )
-    print(
-        f"mean Avg IKD − KD:          {avg_a[has_avg].mean():+.3f} points "
-        f"(sd over sweeps {avg_a[has_avg].std():.3f}; {int((~has_avg).sum())} sweeps without one)"
-    )
-    print(f"sweeps with IKD ahead:      {100 * np.mean(avg_a[has_avg] > 0):.1f} %")
-    print(f"mean per-task IKD − KD:     {np.nanmean(task_diff):+.3f} points")
-    print(
-        f"per-task rejections p<.05: {100 * np.mean(tested < 0.05):.1f} % "
-        f"({int((tested < 0.05).sum())}/{tested.size} tests; {p.size - tested.size} without p)"
-    )
-    print(f"time: {elapsed:.1f} s ({1000 * elapsed / args.sweeps:.0f} ms per sweep)")
+    print(f"{args.sweeps} sweeps per row, 5 tasks each; true IKD − KD {args.effect:+g} pt")
+    print("model        confirm | mean Avg  IKD ahead | task CI  Avg CI (defined) | p<.05 | "
+          "MDE task / Avg | seeds for 0.5 | P(impr.) CI")
+    for model in ("shared", "independent"):
+        for confirm in (0, 3, 5):
+            kw = {"confirm_seeds": tuple(range(4, 4 + confirm)), "effect": args.effect / 100}
+            spec = SimSpec(**kw) if model == "shared" else SimSpec.independent(**kw)
+            start = time.perf_counter()
+            m = measure(spec, args.sweeps, args.seed * 1000 + confirm)
+            took = time.perf_counter() - start
+            print(f"{model:<12} {confirm or 'none':>7} | {m['avg']:+7.2f}pt {m['ahead']:8.1f}% | "
+                  f"{m['task_cov']:6.1f}% {m['avg_cov']:6.1f}% ({m['avg_defined']:3.0f}%) | "
+                  f"{m['reject']:4.1f}% | {m['mde']:4.2f} / {m['avg_mde']:4.2f} pt | "
+                  f"{m['seeds_05']:13.0f} | {m['imp_cov']:5.1f}%   ({took:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `ikd-sweep` command line: validate, train, run, report, export, ui.
+"""The `ikd-sweep` command line: validate, train, run, report, plan, export, ui.
 
 Exit codes: 0 success, 2 bad input, 3 a sweep that finished with failed trials, 130 Ctrl-C.
 """
@@ -178,7 +178,21 @@ def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
         console.print(table)
     if note := _optuna_note(cfg):
         console.print(note, markup=False, highlight=False, soft_wrap=True)
+    if confirm := _confirm_plan(cfg):
+        seeds = cfg.search.confirm_seeds
+        console.print(f"confirmation phase: {len(confirm)} trials, the selected setting of each "
+                      f"(task, method) x {len(seeds)} seeds {seeds}", highlight=False,
+                      soft_wrap=True)
+    _warn_unconfirmed(cfg)
     console.print(f"{sweep}: valid, {planned_trial_count(cfg)} trials")
+
+
+def _warn_unconfirmed(cfg: SweepConfig) -> None:
+    if {"kd", "ikd"} <= set(cfg.methods) and not cfg.search.confirm_seeds:
+        err.print("[yellow]warning:[/yellow] compares methods without search.confirm_seeds: the "
+                  "headline will be the search seeds (selection-biased); add fresh "
+                  "confirm_seeds (ikd-sweep plan tells how many)", highlight=False,
+                  soft_wrap=True)
 
 
 TrackingOpt = Annotated[str | None, typer.Option(
@@ -385,6 +399,7 @@ def _print_trials(cfg: SweepConfig) -> None:
           "(dry run: nothing was started)")
     if note := _optuna_note(cfg):
         print(note)
+    _warn_unconfirmed(cfg)
     print(f"{'trial_id':<{width}}  {'task':<8} {'method':<8} {'seed':>4} {'T':>6} {'E':>4} "
           f"{'teacher_lr':>10}  phase")
     for t in trials:
@@ -399,13 +414,17 @@ def _print_trials(cfg: SweepConfig) -> None:
 def _summary(cfg: SweepConfig, uri: str, seconds: float) -> Table:
     """Per (task, method) the report's own number: the selected setting's mean dev score."""
     from analysis.collect import collect
+    from analysis.display import headline_warning
     from analysis.tables import build_report
 
     runs = collect(cfg.name, uri)
-    selected = build_report(runs.runs, runs.expected, cfg.name).selected
+    report = build_report(runs.runs, runs.expected, cfg.name, stats=False)
+    selected = report.selected
     methods = list(dict.fromkeys(selected["method"]))
+    warning = headline_warning(report)
     table = Table(title=f"{cfg.name}: dev score of the selected setting, mean over seeds, as in "
-                        f"the report ({seconds:.0f} s)")
+                        f"the report ({seconds:.0f} s)",
+                  caption=f"[yellow]{warning}[/yellow]" if warning else None)
     for col in ("task", *methods):
         table.add_column(col)
     for task in dict.fromkeys(selected["task"]):
@@ -560,6 +579,32 @@ def report(
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     for f in files:
         err.print(f"wrote {f}")
+
+
+@app.command(epilog="Example: ikd-sweep plan sweeps/glue.yaml --effect 0.5")
+def plan(
+    sweep: Annotated[str, typer.Argument(help="sweep YAML file or sweep name in the store")],
+    effect: Annotated[float, typer.Option(help="difference to detect, in the report's points "
+                                          "(x100 for GLUE)")] = 0.5,
+    tracking_uri: TrackingOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """How many confirmation seeds a sweep needs to detect --effect, from its search phase."""
+    from analysis.collect import collect
+    from analysis.plan import plan_seeds, plan_text
+
+    name, cfg_uri = sweep, None
+    if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
+        cfg = _load(Path(sweep))
+        name, cfg_uri = cfg.name, cfg.tracking.uri
+    uri = _existing_store(tracking_uri or cfg_uri, _home(home))
+    try:
+        data = collect(name, uri)
+    except LookupError as e:
+        raise UserError(str(e)) from None
+    frame, scale = plan_seeds(data.runs, data.expected, effect)
+    console.print(plan_text(data.sweep, frame, scale, effect), markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()

@@ -17,9 +17,12 @@ from scipy import stats
 
 from analysis import render
 from analysis.collect import collect, latest_sweep_name
+from analysis.display import SEARCH_LABEL, headline_warning
+from analysis.plan import plan_seeds
 from analysis.plots import make_plots
 from analysis.report import NoFinishedRuns, make_report, normalize_formats
-from analysis.tables import build_report, expected_max_curve, holm, select_settings
+from analysis.stats import holm
+from analysis.tables import budget_curves, build_report, select_settings
 from ikd_sweep.tracking import SweepTracker
 
 SEEDS = (1, 2, 3)
@@ -250,18 +253,29 @@ def test_differences_tests_and_cis(glue_report) -> None:
             row = comp.loc[(task, f"{a}-{b}")]
             assert row["diff"] == pytest.approx((x - y).mean())
             assert row["n_pairs"] == len(x)
-            assert row["p_value"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
-            assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+            test = stats.ttest_rel(x, y)
+            assert row["p_value"] == pytest.approx(test.pvalue)
+            ci = tuple(test.confidence_interval())
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx(ci)
+            assert row["p_improve"] == pytest.approx(np.mean(x > y))
+            assert row["source"] == ("confirm" if task == "sst2" else "search")
             assert (row["n_settings_a"], row["n_settings_b"]) == (
                 1 if a == "finetune" else 2,
                 1 if b == "finetune" else 2,
             )
-    # sst2 ikd − kd on seeds 4, 5: [.02, .06] -> mean .04, t = 2, p = 0.2952 (df 1); the
-    # bootstrap means of two values are .02, .04, .06 -> 95 % CI [.02, .06].
+    # sst2 ikd − kd on seeds 4, 5: [.02, .06] -> mean .04, se .02, t = 2, p = 0.2952 (df 1);
+    # t-interval .04 ± 12.706 × .02; the t-test finds 16.33 se (.327) with 80 % power at df 1.
     sst2 = comp.loc[("sst2", "ikd-kd")]
     assert sst2["diff"] == pytest.approx(0.04)
     assert sst2["p_value"] == pytest.approx(0.295167, rel=1e-4)
-    assert (sst2["ci_low"], sst2["ci_high"]) == pytest.approx((0.02, 0.06))
+    assert (sst2["ci_low"], sst2["ci_high"]) == pytest.approx((0.04 - 0.25412, 0.04 + 0.25412),
+                                                              rel=1e-4)
+    assert sst2["mde"] == pytest.approx(16.334 * 0.02, rel=1e-3)
+    # Seeds to detect 0.5 pt (.005) with sd .0283: n with power(.005 √n / .0283, n − 1) ≥ .8.
+    assert sst2["seeds_for_effect"] == 254
+    # IKD ahead on both seeds: 100 %, Clopper-Pearson [0.025^(1/2) = .158, 1].
+    assert (sst2["p_improve"], sst2["p_improve_low"], sst2["p_improve_high"]) == pytest.approx(
+        (1.0, 0.158114, 1.0), rel=1e-4)
     # rte: ikd T=4 − kd T=1 = [.05, .05, −.01] -> mean .03, t = 1.5, p = 0.2724 (df 2).
     rte = comp.loc[("rte", "ikd-kd")]
     assert rte["diff"] == pytest.approx(0.03)
@@ -282,10 +296,14 @@ def test_glue_average(glue_report) -> None:
     assert avg["kd"] == pytest.approx((0.835 + 0.67) / 2)
     assert avg["ikd"] == pytest.approx((0.875 + 0.70) / 2)
     avg_row = report.comparisons.set_index(["task", "comparison"]).loc[("Avg", "ikd-kd")]
-    assert avg_row["diff"] == pytest.approx(0.035) and math.isnan(avg_row["p_value"])
-    # Resampling within tasks: the Avg CI lies inside the average of the per-task extremes.
-    assert 0.5 * (0.02 - 0.01) <= avg_row["ci_low"] < 0.035 < avg_row["ci_high"]
-    assert avg_row["ci_high"] <= 0.5 * (0.06 + 0.05)
+    assert avg_row["diff"] == pytest.approx(0.035) and math.isnan(avg_row["p_holm"])
+    # Welch: se² = (.02² + .02²) / 4 (sst2: sd .0283 over 2 seeds, rte: sd .0346 over 3);
+    # df = (v1 + v2)² / (v1² / 1 + v2² / 2) with v1 = v2 = .0004 -> 2.667.
+    assert avg_row["se"] == pytest.approx(np.sqrt(0.0004 + 0.0004) / 2, rel=1e-4)
+    assert avg_row["df"] == pytest.approx(0.0008**2 / (0.0004**2 + 0.0004**2 / 2), rel=1e-4)
+    lo, hi = stats.t.interval(0.95, avg_row["df"], 0.035, avg_row["se"])
+    assert (avg_row["ci_low"], avg_row["ci_high"]) == pytest.approx((lo, hi))
+    assert avg_row["p_improve"] == pytest.approx(4 / 5)  # sst2 2/2, rte 2/3
 
 
 def test_budget_fair_view(glue_report) -> None:
@@ -316,11 +334,14 @@ def test_best_single_run_by_val(glue_report) -> None:
 def test_renderers(glue_report, tmp_path: Path) -> None:
     data, report = glue_report
     md = _markdown(report)
-    assert "| Task | Fine-tune | KD | IKD | IKD − KD [95% CI] | p (Holm) |" in md
+    assert ("| Task | Fine-tune | KD | IKD | IKD − KD [95% CI] | p (Holm) | Can tell apart "
+            "| P(IKD > KD) |") in md
     assert (
-        "| sst2 | 81.00 ± 1.41 (2) | 83.50 ± 0.71 (2) | 87.50 ± 2.12 (2) | +4.00 [+2.00, +6.00] "
-        "| 0.295 (0.545) |"
+        "| sst2 | 81.00 ± 1.41 (2) | 83.50 ± 0.71 (2) | 87.50 ± 2.12 (2) | +4.00 [−21.41, +29.41] "
+        "| 0.295 (0.545) | ≥ 32.67 pt | 100% [16, 100] |"
     ) in md
+    # rte's headline is from search seeds: labelled in every format.
+    assert f"**⚠ {SEARCH_LABEL}**" in md and "this table can tell apart differences of ≥" in md
     # rte has no confirmation runs yet: its cells are marked as search seeds.
     assert "| rte | 62.00 ± 2.00 (3)§ | 67.00 ± 2.65 (3)§ | 70.00 ± 1.00 (3)§ | +3.00 [" in md
     assert "| 0.272 (0.545) |" in md
@@ -337,6 +358,10 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     sel = back.set_index(["task", "method"])
     assert sel.loc[("rte", "ikd"), "mean"] == pytest.approx(0.70)
     assert sel.loc[("sst2", "ikd"), "seeds"] == "4;5"
+    comp = pd.read_csv(tmp_path / "csv" / "comparisons.csv", keep_default_na=False)
+    assert set(comp.loc[comp["task"].eq("rte"), "warning"]) == {SEARCH_LABEL}
+    assert set(comp.loc[comp["task"].eq("sst2"), "warning"]) == {""}
+    assert {"mde", "seeds_for_effect", "p_improve", "p_improve_low", "source"} <= set(comp)
     assert len(pd.read_csv(tmp_path / "csv" / "runs.csv")) == 36
     assert len(pd.read_csv(tmp_path / "csv" / "budget.csv")) == 10  # 2 × (1 + 2 + 2) points
     assert all(p.exists() for p in files)
@@ -348,6 +373,7 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     assert "87.50 ± 2.12 (2)" in tex and "IKD − KD [95\\% CI]" in tex
     assert "\\midrule\nAvg & " in tex  # a rule above the summary row
     assert "tab:ikd-budget" in tex
+    assert f"\\footnotesize\\textbf{{Note: {SEARCH_LABEL}.}}" in tex
 
     plots = make_plots(report, data.runs, tmp_path / "plots", history=data.history)
     names = sorted(p.name for p in plots)
@@ -364,6 +390,12 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     first = page.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(first)[:4] == b"\x89PNG"
     assert "<table" in page and "IKD − KD [95% CI]" in page and "Budget-fair view" in page
+    assert f'<p class="warning">⚠ {SEARCH_LABEL}</p>' in page
+    # Confirmation seeds only (sst2): no label.
+    sst2 = data.runs[data.runs["task"].eq("sst2")]
+    confirmed = build_report(sst2, data.expected[data.expected["task"].eq("sst2")], "sst2")
+    assert headline_warning(confirmed) is None and SEARCH_LABEL not in render.to_markdown(confirmed)
+    assert headline_warning(report) == SEARCH_LABEL
 
 
 def test_make_report_writes_all_formats(glue_store, tmp_path: Path) -> None:
@@ -490,7 +522,7 @@ def test_failed_seeds_count_against_their_setting(messy_store: str, tmp_path: Pa
 
     md = _markdown(report)
     assert "| cola | 41.50 ± 2.12 (2)† | 46.00 ± 1.41 (2)† | 50.00 (1)† | +5.00 | – |" in md
-    assert "No confirmation runs" in md and "§" not in md
+    assert f"{SEARCH_LABEL}: no confirmation runs" in md and "§" not in md
     status_md = md.split("### Trial status")[1]
     assert "| cola | KD | 6 | 3 | 1 | 1 | 1 | 0 | 20% | 20% |" in status_md
     assert "| Total | | 12 | 6 | 1 | 1 | 1 | 3 | 12% | 12% |" in status_md
@@ -636,12 +668,35 @@ def test_holm_against_hand_values() -> None:
     assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
-def test_expected_max_curve_matches_enumeration() -> None:
+def test_budget_curve_matches_enumeration() -> None:
     rng = np.random.default_rng(0)
     val = rng.normal(size=7)
     dev = rng.normal(size=7)
-    curve = expected_max_curve(val, dev)
+    candidates = pd.DataFrame({"task": "rte", "method": "kd", "temperature": np.arange(7.0),
+                               "exam_every": np.nan, "teacher_lr": np.nan, "n": 3,
+                               "val_score": val, "mean": dev})
+    curve = budget_curves(candidates)["expected_dev"].to_numpy()
     for n in range(1, 8):
         picks = [dev[list(c)][np.argmax(val[list(c)])] for c in combinations(range(7), n)]
         assert curve[n - 1] == pytest.approx(np.mean(picks))
     assert curve[-1] == pytest.approx(dev[np.argmax(val)])
+
+
+def test_plan_from_the_search_phase(glue_store) -> None:
+    from typer.testing import CliRunner
+
+    from ikd_sweep.cli import app
+
+    uri, _ = glue_store
+    data = collect("glue_demo", uri)
+    frame, scale = plan_seeds(data.runs, data.expected, effect_pt=0.5)
+    row = frame.set_index(["task", "comparison"]).loc[("sst2", "ikd-kd")]
+    # Search seeds of the selected settings (T=1 both): ikd − kd = [.03, .04, .05], sd .01.
+    assert row["n_pairs"] == 3 and row["sd"] == pytest.approx(0.01)
+    assert row["seeds_needed"] == 34  # power(.005 √n / .01, n − 1) reaches .8 at n = 34
+    result = CliRunner().invoke(app, ["plan", "glue_demo", "--tracking-uri", uri, "--effect",
+                                      "0.5"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "detect 0.5 pt" in result.stdout and "sst2 34" in result.stdout
+    bad = CliRunner().invoke(app, ["plan", "nope", "--tracking-uri", uri])
+    assert bad.exit_code == 2 and "known sweeps" in bad.output
