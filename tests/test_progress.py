@@ -70,7 +70,7 @@ def test_status_counts_trials_and_shows_the_best_selected_score(tmp_path, tmp_pa
     # Without --sweep: the latest sweep; an unknown name is bad input that names the sweeps.
     assert "watched [RUNNING]" in cli.invoke(app, ["status", "--home", str(home)]).output
     bad = cli.invoke(app, ["status", "--sweep", "nope", "--home", str(home)])
-    assert bad.exit_code == 2 and "sweeps there: watched" in bad.output
+    assert bad.exit_code == 2 and "known sweeps: watched" in bad.output
     # A folder without a store is reported, not created.
     empty = cli.invoke(app, ["status", "--home", str(tmp_path / "none")])
     assert empty.exit_code == 2 and "no tracking store" in empty.output
