@@ -140,11 +140,10 @@ def load_trials(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]
 class SweepTracker:
     """Records sweeps in MLflow from one process (the Ray driver or ``ikd-sweep train``)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None, *,
-                 home: str | Path | None = None, flush_timeout_s: float = 120.0) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, *, home: str | Path | None = None,
+                 flush_timeout_s: float = 120.0) -> None:
         self.tracking_uri, self.experiment = absolute_sqlite_uri(tracking_uri), experiment
-        self.artifact_root = (artifact_root if artifact_root is not None
-                              else default_artifact_root(self.tracking_uri))
+        self.artifact_root = default_artifact_root(self.tracking_uri)
         self.home = Path(home).expanduser().resolve() if home else home_for(self.tracking_uri)
         self.flush_timeout_s = float(flush_timeout_s)  # finish_trial's wait for the metrics
         # A failed batch is reported here (one warning per outage, the lost-metrics file), not
