@@ -1,4 +1,5 @@
-"""Read a sweep's runs from MLflow into tidy DataFrames (the only MLflow module of ``analysis``).
+"""Read a sweep's runs from MLflow into tidy DataFrames, and a run's student out of it (the only
+MLflow module of ``analysis``; the store reader itself is ``ikd_sweep.tracking``'s).
 
 The run layout is the one ``ikd_sweep.tracking`` writes: one parent run per sweep (tags
 ``ikd.sweep``, ``ikd.role=sweep``; artifact ``trials.json``) and one child run per trial.
@@ -6,26 +7,19 @@ The run layout is the one ``ikd_sweep.tracking`` writes: one parent run per swee
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
 
-from ikd_sweep.tracking import (  # the one table of tag names
-    ROLE_SWEEP,
-    ROLE_TRIAL,
-    TAG,
-    sqlite_path,
-)
+from ikd_sweep.store import STUDENT_ARTIFACT, TAG, absolute_sqlite_uri, require_store
+from ikd_sweep.tracking import find_parent, load_trials, sweep_parents, trial_runs
 from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
 
 # Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
@@ -82,66 +76,10 @@ class SweepRuns:
         return frame[["step", "value"]].reset_index(drop=True)
 
 
-def _client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _experiment_ids(client: MlflowClient) -> list[str]:
-    ids: list[str] = []
-    token = None
-    while True:
-        page = client.search_experiments(
-            view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
-        )
-        ids.extend(e.experiment_id for e in page)
-        token = page.token
-        if not token:
-            return ids
-
-
-def _search(
-    client: MlflowClient,
-    experiment_ids: list[str],
-    filter_string: str,
-    order_by: list[str] | None = None,
-    limit: int | None = None,
-) -> list[Any]:
-    runs: list[Any] = []
-    token = None
-    # search_runs accepts a bounded list of experiments per call.
-    for start in range(0, len(experiment_ids), 100):
-        chunk = experiment_ids[start : start + 100]
-        while True:
-            page = client.search_runs(
-                chunk,
-                filter_string=filter_string,
-                max_results=min(limit or 1000, 1000),
-                order_by=order_by,
-                page_token=token,
-            )
-            runs.extend(page)
-            token = page.token
-            if not token or (limit is not None and len(runs) >= limit):
-                break
-        token = None
-    return runs
-
-
-def _parent_runs(client: MlflowClient) -> list[Any]:
-    """All live, not superseded sweep parent runs, newest first."""
-    ids = _experiment_ids(client)
-    if not ids:
-        return []
-    runs = _search(client, ids, f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
-    runs = [r for r in runs if r.data.tags.get(TAG.SUPERSEDED) != "true"]
-    return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
-
-
 def latest_sweep_name(tracking_uri: str) -> str | None:
     """The sweep of the most recently started parent run, or None when there is none."""
-    for run in _parent_runs(_client(tracking_uri)):
-        name = run.data.tags.get(TAG.SWEEP)
-        if name:
+    for run in sweep_parents(MlflowClient(tracking_uri=tracking_uri)):
+        if name := run.data.tags.get(TAG.SWEEP):
             return name
     return None
 
@@ -197,32 +135,6 @@ def _blank_unused(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-@contextlib.contextmanager
-def _quiet_downloads() -> Iterator[None]:
-    # MLflow draws a tqdm bar for every artifact download; on the report's terminal output
-    # that is noise. Scoped so that the caller's setting comes back afterwards.
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _load_trials(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
-        try:
-            path = client.download_artifacts(parent_run_id, "trials.json", tmp)
-        except Exception:  # a parent without trials.json: expected trials are unknown
-            return []
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return data if isinstance(data, list) else []
-
-
 def _timestamp(ms: int | None) -> pd.Timestamp:
     return pd.to_datetime(ms, unit="ms", utc=True) if ms else pd.NaT
 
@@ -268,33 +180,10 @@ def _dedupe(runs: pd.DataFrame) -> pd.DataFrame:
 
 def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     """The runs of ``sweep`` (the latest sweep when None) from the store at ``tracking_uri``."""
-    db = sqlite_path(tracking_uri)
-    if db is not None and not db.is_file():  # MLflow would create (and migrate) an empty one
-        raise LookupError(f"no tracking store at {db}; run a sweep first or pass --tracking-uri")
-    client = _client(tracking_uri)
-    parents = _parent_runs(client)
-    names = []
-    for run in parents:
-        name = run.data.tags.get(TAG.SWEEP)
-        if name and name not in names:
-            names.append(name)
-    if sweep is None:
-        if not names:
-            raise LookupError(f"No sweeps found in the MLflow store at {tracking_uri}")
-        sweep = names[0]
-    matching = [r for r in parents if r.data.tags.get(TAG.SWEEP) == sweep]
-    if not matching:
-        known = ", ".join(names) if names else "none"
-        raise LookupError(
-            f"Sweep {sweep!r} not found in the MLflow store at {tracking_uri} "
-            f"(known sweeps: {known})"
-        )
-    parent = matching[0]
-    parent_id = parent.info.run_id
-    children = _search(
-        client, [parent.info.experiment_id], f"tags.`{TAG.PARENT}` = '{parent_id}'"
-    )
-    rows = [_run_row(r) for r in children if r.data.tags.get(TAG.ROLE, ROLE_TRIAL) == ROLE_TRIAL]
+    client = MlflowClient(tracking_uri=require_store(tracking_uri))
+    parent = find_parent(client, sweep)
+    sweep, parent_id = parent.data.tags.get(TAG.SWEEP), parent.info.run_id
+    rows = [_run_row(r) for r in trial_runs(client, parent)]
     extra = sorted({k for row in rows for k in row if k not in RUN_COLUMNS})
     runs = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *extra])
     for h in HPARAMS:
@@ -303,7 +192,7 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
         runs[col] = runs[col].astype(float)
     runs["start_time"] = pd.to_datetime(runs["start_time"], utc=True)
     runs["end_time"] = pd.to_datetime(runs["end_time"], utc=True)
-    expected = _expected_frame(_load_trials(client, parent_id))
+    expected = _expected_frame(load_trials(client, parent_id))
     runs = _blank_unused(_fill_from_expected(_dedupe(runs), expected))
     # A trainer that never logged best/dev_main: the best dev/main it logged is the same thing.
     for i in runs.index[runs["best_dev_main"].isna() & runs["status"].eq("FINISHED")]:
@@ -342,3 +231,38 @@ def _fill_from_expected(runs: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFr
     for h in HPARAMS:
         runs[h] = runs[h].astype(float)
     return runs
+
+
+# -- a run's student, for `ikd-sweep export` -------------------------------------------------
+
+
+def download_student(tracking_uri: str, run_id: str, dest: Path) -> Path:
+    """Copy run ``run_id``'s ``student`` artifact into the folder ``dest`` (created; must be
+    empty). Raises LookupError when the run kept no student."""
+    client = MlflowClient(tracking_uri=absolute_sqlite_uri(tracking_uri))
+    if not any(f.path == STUDENT_ARTIFACT for f in client.list_artifacts(run_id)):
+        raise LookupError(f"run {run_id} has no {STUDENT_ARTIFACT!r} artifact (it kept no "
+                          "student: a sweep run before students were kept, or a failed upload)")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        got = Path(client.download_artifacts(run_id, STUDENT_ARTIFACT, tmp))
+        for item in got.iterdir():
+            os.replace(item, dest / item.name)
+    return dest
+
+
+def register_student(tracking_uri: str, run_id: str, name: str) -> str:
+    """Register run ``run_id``'s ``student`` artifact as a new version of the registered model
+    ``name`` (created if needed); returns the version. The artifact is a Hugging Face folder,
+    not an MLflow Model, so the version points at the run's artifact (``runs:/<id>/student``):
+    MLflow 3's ``mlflow.register_model`` looks for a logged MLflow Model there and fails."""
+    client = MlflowClient(tracking_uri=absolute_sqlite_uri(tracking_uri))
+    try:
+        client.create_registered_model(name, description="ikd-sweep selected students")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{STUDENT_ARTIFACT}",
+                                          run_id=run_id)
+    return str(version.version)

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ikd_sweep.trials import HPARAMS
+from ikd_sweep.trials import CONTROL, HPARAMS
 
 KEYS = ("task", "method", *HPARAMS)
-CONTROL = "ikd-control"
 METHOD_ORDER = ("finetune", "kd", "ikd", CONTROL)
 PHASES = ("search", "confirm")
 GLUE_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")

@@ -18,13 +18,14 @@ from analysis import render
 from analysis.collect import SweepRuns, collect
 from analysis.plots import make_plots
 from analysis.tables import Report, build_report
+from ikd_sweep.errors import UserError
 
 _log = logging.getLogger(__name__)
 
 FORMATS = ("md", "csv", "latex", "html")
 
 
-class NoFinishedRuns(Exception):
+class NoFinishedRuns(UserError):
     """The sweep exists but none of its trials has FINISHED, so there is nothing to compare."""
 
     def __init__(

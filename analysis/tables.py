@@ -49,7 +49,7 @@ from analysis.frames import (
     task_order,
 )
 from analysis.status import status_by_method, trial_status
-from ikd_sweep.trials import HPARAMS
+from ikd_sweep.trials import HPARAMS, base_method
 
 #: Marks a reported cell with fewer finished seeds than expected.
 INCOMPLETE_MARK = "†"
@@ -177,7 +177,7 @@ def select_settings(runs: pd.DataFrame, expected: pd.DataFrame | None = None) ->
     teacher_lr 0, hence ``base_method``). No statistics: cheap."""
     ix = setting_index(runs, expected)
     best = _pick(_candidates(ix)).reset_index(drop=True)
-    best["base_method"] = best["method"].where(best["method"].ne(CONTROL), "ikd")
+    best["base_method"] = best["method"].map(base_method)
     return best[["task", "method", "base_method", *HPARAMS, "val_score", "n_settings"]]
 
 
@@ -225,7 +225,7 @@ def _reported(ix: Index, picked: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     sel["n_expected"] = pd.array(n_exp[sid] if len(exp) else [pd.NA] * len(sid), dtype="Int64")
     sel["incomplete"] = (sel["n"] < sel["n_expected"]).fillna(False).astype(bool)
     sel["seeds"] = [s if isinstance(s, list) else [] for s in seeds.reindex(sid)]
-    sel["base_method"] = sel["method"].where(sel["method"].ne(CONTROL), "ikd")
+    sel["base_method"] = sel["method"].map(base_method)
     sel["n_settings"] = sel["n_settings"].astype(int)
     columns = [
         "task",

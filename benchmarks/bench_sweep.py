@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from ikd_sweep.config import SweepConfig
+from ikd_sweep.sweep.cluster import init_ray
+from ikd_sweep.sweep.driver import run_sweep
 from ikd_sweep.tracking import SweepTracker
 from ikd_sweep.trial import run_trial
-from ikd_sweep.trials import expand_trials
-from ikd_sweep.tune import init_ray, run_sweep
+from ikd_sweep.trials import SweepPlan, expand_trials
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
@@ -65,7 +66,7 @@ def main() -> None:
     tracker = SweepTracker(f"sqlite:///{root}/sweep/mlflow.db", cfg.name)
     _ = tracker.experiment_id  # create the store before timing: a one-off per store
     t0 = time.perf_counter()
-    out = run_sweep(cfg, home=root / "sweep", tracker=tracker, verbose=0)
+    out = run_sweep(SweepPlan.of(cfg), home=root / "sweep", tracker=tracker, verbose=0)
     swept = time.perf_counter() - t0
     after = plain_loop(cfg, root / "plain")
     assert len(out.finished) == n, out.failed

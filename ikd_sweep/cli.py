@@ -1,6 +1,8 @@
-"""The `ikd-sweep` command line: validate, train, run, report, plan, export, ui.
+"""The `ikd-sweep` command line: validate, train, run, status, report, plan, export, ui.
 
-Exit codes: 0 success, 2 bad input, 3 a sweep that finished with failed trials, 130 Ctrl-C.
+Exit codes: 0 success, 2 bad input (every `errors.UserError`, one policy: `_Group`), 3 a sweep
+that finished with failed trials, 130 Ctrl-C. What the commands print about a plan and an
+outcome is `show.py`'s; `train`'s one trial is `single.py`'s.
 """
 
 from __future__ import annotations
@@ -8,14 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +21,6 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ikd_sweep.config import (
     ConfigError,
@@ -34,18 +30,8 @@ from ikd_sweep.config import (
     load_sweep,
     parse_overrides,
 )
-from ikd_sweep.errors import StoreError, UserError
-from ikd_sweep.trials import (
-    HPARAMS,
-    PickError,
-    Trial,
-    expand_trials,
-    flat_params,
-    optuna_studies,
-    pick_trial,
-    planned_trial_count,
-    trial_record,
-)
+from ikd_sweep.errors import UserError
+from ikd_sweep.trials import PickError, SweepPlan, pick_trial
 
 console = Console()
 err = Console(stderr=True)
@@ -82,12 +68,13 @@ class _Group(typer.core.TyperGroup):
                 err.print(line, markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:
-            if _debug() or e.errno not in _USER_ERRNOS or not e.filename:
+            if _debug() or e.errno not in _USER_ERRNOS or not (
+                    e.filename or e.errno == errno.ENOSPC):
                 _bug_hint(e)
                 raise
-            err.print(f"[red]error:[/red] {escape(str(e.filename))}: {e.strerror}; choose a "
-                      "folder you can write (--home, --out) or free some space",
-                      highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e.filename or 'disk'))}: {e.strerror}; "
+                      "choose a folder you can write (--home, --out) or free some space (a "
+                      "sweep resumes where it stopped)", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except Exception as e:
             _bug_hint(e)
@@ -139,93 +126,28 @@ def _home(home: Path | None) -> Path:
     return (home or default_home()).resolve()
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def _optuna_note(cfg: SweepConfig) -> str | None:
-    """The trials of an optuna sweep that are not known up front, in one line."""
-    studies = optuna_studies(cfg)
-    if not studies:
-        return None
-    spaces = dict.fromkeys(
-        f"{st.method}{'-control' if st.name.endswith('-control') else ''} "
-        + ", ".join(f"{h} {lo:g}..{hi:g}" for h, lo, hi in st.ranges) for st in studies)
-    return (f"optuna: {cfg.search.num_samples} settings x {len(cfg.search.seeds)} seeds per "
-            f"(task, method), chosen during the run ({len(studies)} searches: "
-            f"{'; '.join(spaces)})")
-
-
 @app.command(epilog="Example: ikd-sweep validate sweeps/demo.yaml --set train.epochs=1")
 def validate(sweep: SweepArg, set_: SetOpt = None) -> None:
     """Check a sweep file; print its trial count and the expanded search space."""
-    cfg = _load(sweep, set_)
-    trials = expand_trials(cfg)
-    table = Table(title=f"{cfg.name}: {planned_trial_count(cfg)} trials")
-    for col in ("task", "method", "trials", *HPARAMS, "seeds"):
-        table.add_column(col)
-    groups: dict[tuple[str, str], list[Trial]] = {}
-    for t in trials:
-        groups.setdefault((t.task, t.method), []).append(t)
-    def vals(ts: list[Trial], attr: str) -> str:
-        return ", ".join(_fmt(v) for v in sorted({getattr(t, attr) for t in ts},
-                                                 key=lambda x: (x is None, x)))
+    from ikd_sweep.show import plan_table, warn_unconfirmed
 
-    for (task, method), ts in groups.items():
-        table.add_row(task, method, str(len(ts)), *(vals(ts, h) for h in HPARAMS),
-                      vals(ts, "seed"))
-    if trials:
+    plan = SweepPlan.of(_load(sweep, set_))
+    if (table := plan_table(plan)) is not None:
         console.print(table)
-    if note := _optuna_note(cfg):
+    if note := plan.studies_note():
         console.print(note, markup=False, highlight=False, soft_wrap=True)
-    if confirm := _confirm_plan(cfg):
-        seeds = cfg.search.confirm_seeds
+    if confirm := plan.confirm_slots():
+        seeds = plan.cfg.search.confirm_seeds
         console.print(f"confirmation phase: {len(confirm)} trials, the selected setting of each "
                       f"(task, method) x {len(seeds)} seeds {seeds}", highlight=False,
                       soft_wrap=True)
-    _warn_unconfirmed(cfg)
-    console.print(f"{sweep}: valid, {planned_trial_count(cfg)} trials")
-
-
-def _warn_unconfirmed(cfg: SweepConfig) -> None:
-    if {"kd", "ikd"} <= set(cfg.methods) and not cfg.search.confirm_seeds:
-        err.print("[yellow]warning:[/yellow] compares methods without search.confirm_seeds: the "
-                  "headline will be the search seeds (selection-biased); add fresh "
-                  "confirm_seeds (ikd-sweep plan tells how many)", highlight=False,
-                  soft_wrap=True)
+    warn_unconfirmed(plan.cfg, err)
+    console.print(f"{sweep}: valid, {plan.n_search} trials")
 
 
 TrackingOpt = Annotated[str | None, typer.Option(
     "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
     "sqlite:///<home>/mlflow.db)")]
-
-
-class _ProgressCallback:
-    """Trainer callback for `ikd-sweep train`: a progress bar, a JSON-lines metrics log and,
-    unless --no-track, the tracker's run."""
-
-    def __init__(self, progress: Progress, task_id, log_path: Path,
-                 track: Callable[[dict, int], None] | None = None):
-        self.progress, self.task_id, self.log_path = progress, task_id, log_path
-        self.track = track
-
-    def _write(self, metrics: dict, step: int) -> None:
-        with self.log_path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        if self.track is not None:
-            self.track(metrics, step)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self._write(metrics, step)
-        loss = metrics.get("train/loss")
-        self.progress.update(self.task_id, completed=step,
-                             info="" if loss is None else f"loss {loss:.4f}")
-
-    def report(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
-        self._write(metrics, step)
-        if "dev/main" in metrics:
-            self.progress.console.print(f"step {step}: dev/main {metrics['dev/main']:.4f}"
-                                        f" (best {metrics.get('best/dev_main', 0):.4f})")
 
 
 @app.command(epilog="Example: ikd-sweep train sweeps/demo.yaml --task sst2 --method ikd")
@@ -248,8 +170,8 @@ def train(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Run one trial of a sweep without Ray; print its final metrics as JSON."""
-    from ikd_sweep.trainer import NonFiniteLoss
-    from ikd_sweep.trial import run_trial
+    from ikd_sweep.preflight import preflight
+    from ikd_sweep.single import train_one
 
     cfg = _load(sweep, set_)
     # The flags obey the sweep file's rules (search.<name>), not looser ones of their own.
@@ -268,170 +190,22 @@ def train(
     except PickError as e:
         raise typer.BadParameter(str(e), param_hint=e.option) from None
     root = _home(home)
-    from ikd_sweep.preflight import preflight
-
-    preflight(cfg, root, [trial], tracking_uri=_tracking_uri(tracking_uri, cfg.tracking.uri, root)
-              if track else None, source=sweep)
-    run_dir = root / "single" / cfg.name / trial.trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = run_dir / "checkpoint"
-    resume_from = ckpt if resume and (ckpt / "state.pt").exists() else None
-    if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "trial.json").write_text(json.dumps(
-        {**trial.to_dict(), "sweep": cfg.model_dump(mode="json")}, indent=1))
-    err.print(f"trial {trial.trial_id} → {run_dir}")
-    tracker = run_id = None
-    if track:  # imported here: `train --no-track` runs where mlflow is not installed
-        from ikd_sweep.tracking import SweepTracker, trial_tags
-
-        tracker = SweepTracker(_tracking_uri(tracking_uri, cfg.tracking.uri, root),
-                               cfg.experiment)
-        parent = tracker.start_sweep(f"{cfg.name}-train", cfg.model_dump(mode="json"))
-        run_id = tracker.trial_run(parent, trial.trial_id, tags=trial_tags(cfg, trial),
-                                   params=flat_params(cfg, trial))
-        err.print(f"tracking: run {run_id} in experiment {cfg.experiment} at "
-                  f"{tracker.tracking_uri}")
-        from ikd_sweep.tracking import device_tags
-        from ikd_sweep.trainer import describe_device, pick_device
-
-        tracker.set_tags(run_id, device_tags(describe_device(pick_device(device))))
-
-    def finish(status: str, **kw) -> None:
-        if tracker is not None and run_id is not None:
-            tracker.finish_trial(run_id, status, trial_config=trial_record(cfg, trial), **kw)
-
-    status, result, error = "FINISHED", {}, None
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"
-                  "/{task.total}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=err) as progress:
-        bar = progress.add_task(trial.trial_id, total=None, info="")
-        cb = _ProgressCallback(progress, bar, run_dir / "metrics.jsonl", track=None if
-                               tracker is None else partial(tracker.log_metrics, run_id))
-        try:
-            total, splits = _train_steps(cfg, trial, root)
-            progress.update(bar, total=total)
-            result = run_trial(cfg, trial, home=root, callback=cb, checkpoint_dir=ckpt,
-                               resume_from=resume_from, device=device, splits=splits,
-                               student_dir=run_dir / "student")
-        except NonFiniteLoss as e:
-            status, error = "FAILED", str(e)
-        except KeyboardInterrupt:
-            finish("KILLED")
-            err.print(f"interrupted; resume with --resume (checkpoint: {ckpt})")
-            raise typer.Exit(130) from None
-        except Exception as e:
-            finish("FAILED", error=f"{type(e).__name__}: {e}\n\n{traceback.format_exc(limit=8)}")
-            raise
-    if status == "FINISHED":
-        # The resumable state is for an unfinished trial only; the student folder stays.
-        shutil.rmtree(ckpt, ignore_errors=True)
-    if tracker is not None and status == "FINISHED":
-        tracker.log_metrics(run_id, result, int(result.get("steps", 0)))
-        if (run_dir / "student").is_dir():
-            tracker.log_student(run_id, run_dir / "student")
-    finish(status, error=error, final_metrics=result if status == "FINISHED" else None)
-    out = {"trial_id": trial.trial_id, "status": status, **({"error": error} if error else {}),
-           **result}
-    (run_dir / "final_metrics.json").write_text(json.dumps(out, indent=1))
+    uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root) if track else None
+    preflight(cfg, root, [trial], tracking_uri=uri, source=sweep)
+    try:
+        out = train_one(cfg, trial, root, device=device, resume=resume, tracking_uri=uri,
+                        err=err)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     console.print_json(json.dumps(out))
-    if status != "FINISHED":
+    if out["status"] != "FINISHED":
         raise typer.Exit(1)
 
 
-def _train_steps(cfg: SweepConfig, trial: Trial, root: Path) -> tuple[int, dict]:
-    """The trial's number of optimizer steps (the bar's total), and its tokenized splits, which
-    the trial then reuses instead of reading the cache again."""
-    from ikd_sweep.data import prepare_data, tokenize_splits
-    from ikd_sweep.models import load_tokenizer
-    from ikd_sweep.tasks import get_task
-    from ikd_sweep.trainer import FitSettings, total_steps
-    from ikd_sweep.trials import trial_seed
-
-    cache, tok = root / "cache" / "data", load_tokenizer(cfg.teacher.model)
-    splits = tokenize_splits(get_task(trial.task), cfg.data, tok, cache)
-    data = prepare_data(trial.task, cfg.data, tok, cache, trial_seed(cfg, trial), splits,
-                        method=trial.method)
-    return total_steps(FitSettings.for_trial(cfg, trial), len(data.train)), splits
-
-
 def _tracking_uri(uri: str | None, cfg_uri: str | None, root: Path) -> str:
-    from ikd_sweep.tracking import resolve_tracking_uri
+    from ikd_sweep.store import resolve_tracking_uri
 
     return resolve_tracking_uri(uri or cfg_uri, root)
-
-
-def _existing_store(uri: str | None, root: Path) -> str:
-    """The store to read from; never creates one (opening a new SQLite file creates it)."""
-    from ikd_sweep.tracking import resolve_tracking_uri, sqlite_path
-
-    if uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
-        if not (root / "mlflow.db").is_file():
-            raise StoreError(f"no tracking store at {root / 'mlflow.db'}; run a sweep first or "
-                             "pass --tracking-uri (or --home)")
-        return f"sqlite:///{root / 'mlflow.db'}"
-    resolved = resolve_tracking_uri(uri, root)
-    db = sqlite_path(resolved)
-    if db is not None and not db.is_file():
-        raise StoreError(f"no tracking store at {db}; run a sweep first or pass --tracking-uri")
-    return resolved
-
-
-def _confirm_plan(cfg: SweepConfig) -> list[tuple[str, str, int]]:
-    """(task, method, seed) of each confirmation trial to come."""
-    # The confirmation phase re-runs the setting the report selects per (task, method), which
-    # the search decides: list it as "selected setting x confirm seeds".
-    labels = list(cfg.methods)
-    if "ikd" in labels and 0 in cfg.search.teacher_lr and cfg.search.algorithm != "random":
-        labels.append("ikd-control")
-    return [(task, m, seed) for task in cfg.tasks for m in labels
-            for seed in cfg.search.confirm_seeds]
-
-
-def _print_trials(cfg: SweepConfig) -> None:
-    # Plain aligned lines, not a table: a long sweep stays greppable and never wraps.
-    trials = expand_trials(cfg)
-    confirm = _confirm_plan(cfg)
-    width = max((len(t.trial_id) for t in trials), default=24)
-    n_search = planned_trial_count(cfg)
-    phases = (f" ({n_search} search, {len(confirm)} confirm)" if confirm else "")
-    print(f"{cfg.name}: {n_search + len(confirm)} trials{phases} "
-          "(dry run: nothing was started)")
-    if note := _optuna_note(cfg):
-        print(note)
-    _warn_unconfirmed(cfg)
-    print(f"{'trial_id':<{width}}  {'task':<8} {'method':<8} {'seed':>4} {'T':>6} {'E':>4} "
-          f"{'teacher_lr':>10}  phase")
-    for t in trials:
-        print(f"{t.trial_id:<{width}}  {t.task:<8} {t.method:<8} {t.seed:>4} "
-              f"{_fmt(t.temperature):>6} {_fmt(t.exam_every):>4} {_fmt(t.teacher_lr):>10}  search")
-    for task, method, seed in confirm:
-        name = f"{task}-{method}-s{seed}"
-        print(f"{name:<{width}}  {task:<8} {method:<8} {seed:>4} {'selected setting':>22}  "
-              "confirm")
-
-
-def _summary(cfg: SweepConfig, uri: str, seconds: float) -> Table:
-    """Per (task, method) the report's own number: the selected setting's mean dev score."""
-    from analysis.collect import collect
-    from analysis.display import headline_warning
-    from analysis.tables import build_report
-
-    runs = collect(cfg.name, uri)
-    report = build_report(runs.runs, runs.expected, cfg.name, stats=False)
-    selected = report.selected
-    methods = list(dict.fromkeys(selected["method"]))
-    warning = headline_warning(report)
-    table = Table(title=f"{cfg.name}: dev score of the selected setting, mean over seeds, as in "
-                        f"the report ({seconds:.0f} s)",
-                  caption=f"[yellow]{warning}[/yellow]" if warning else None)
-    for col in ("task", *methods):
-        table.add_column(col)
-    for task in dict.fromkeys(selected["task"]):
-        rows = selected[selected["task"].eq(task)].set_index("method")
-        table.add_row(task, *[f"{rows.at[m, 'mean']:.4f} (n={rows.at[m, 'n']})"
-                              if m in rows.index else "-" for m in methods])
-    return table
 
 
 @app.command(epilog="Example: ikd-sweep run sweeps/demo.yaml    (again after Ctrl-C: it resumes)")
@@ -453,72 +227,48 @@ def run(
     Shows one live view: trials done/running/failed/stopped/pending, the best selected score
     per task and method, and an ETA (plain lines when the output is not a terminal).
     """
-    cfg = _load(sweep, set_)
+    from ikd_sweep.show import print_dry_run, print_outcome, summary_table
+
+    plan = SweepPlan.of(_load(sweep, set_))  # the trials of both phases, worked out once
+    cfg = plan.cfg
     if dry_run:
-        _print_trials(cfg)
+        print_dry_run(plan)
         return
-    from ikd_sweep import tune as ikd_tune
     from ikd_sweep.preflight import preflight
     from ikd_sweep.progress import SweepView
+    from ikd_sweep.sweep.driver import run_sweep
     from ikd_sweep.tracking import SweepTracker, quiet_mlflow
-    from ikd_sweep.tune import run_sweep
 
     if not verbose:
         quiet_mlflow()
-
     root = _home(home)
     root.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, cfg.tracking.uri, root)
-    disk = preflight(cfg, root, expand_trials(cfg), tracking_uri=uri,  # before Ray starts
+    disk = preflight(cfg, root, list(plan.search), tracking_uri=uri,  # before Ray starts
                      source=sweep)
-    tracker = SweepTracker(uri, cfg.experiment)
-    search = expand_trials(cfg)
-    n = planned_trial_count(cfg)
     confirm = (f" + confirmation on seeds {cfg.search.confirm_seeds}"
                if cfg.search.confirm_seeds else "")
-    err.print(f"sweep {cfg.name}: {n} trials{confirm}; working folder {root} (checkpoints: "
-              f"about {disk}); tracking {uri}")
+    err.print(f"sweep {cfg.name}: {plan.n_search} trials{confirm}; working folder {root} "
+              f"(checkpoints: about {disk}); tracking {uri}")
     t0 = time.time()
-    from ikd_sweep.files import SweepBusy
-    from ikd_sweep.tune import ResourceError
-
-    view = SweepView(cfg.name, n + len(_confirm_plan(cfg)), console=err)
-    view.expect(search)  # every task and method has its row and column from the start
-    ikd_tune._listeners.append(view)
+    view = SweepView(cfg.name, plan.total, console=err)
+    view.expect(plan.search)  # every task and method has its row and column from the start
     try:
         with view:
-            out = run_sweep(cfg, home=root, tracker=tracker, address=address, restart=restart,
-                            verbose=verbose)
+            out = run_sweep(plan, home=root, tracker=SweepTracker(uri, cfg.experiment),
+                            listeners=[view], address=address, restart=restart,
+                            verbose=verbose, tracebacks=_debug())
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: re-run the same command to resume")
         raise typer.Exit(130) from None
-    except (SweepBusy, ResourceError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        err.print(f"[red]error:[/red] no space left on device ({e.filename or root}); free "
-                  "space and re-run the same command to resume", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        ikd_tune._listeners.remove(view)
     if out.finished:
         try:
-            console.print(_summary(cfg, uri, time.time() - t0))
+            console.print(summary_table(cfg.name, uri, time.time() - t0))
         except Exception as e:  # e.g. the tracking server went away: the runs are recorded
             err.print(f"[yellow]no summary[/yellow] ({type(e).__name__}: {e}); "
                       f"later: ikd-sweep report --sweep {cfg.name}")
-    n += len(out.confirm)
-    console.print(f"finished {len(out.finished)}, failed {len(out.failed)}, "
-                  f"stopped early {len(out.stopped)} of {n} trials"
-                  + (f" ({len(out.confirm)} confirmation)" if out.confirm else ""))
-    for trial_id, error in sorted(out.failed.items()):
-        first = error.strip().splitlines()[0] if error.strip() else "unknown error"
-        console.print(f"  [red]FAILED[/red] {trial_id}: {first}", highlight=False)
-    ui_hint = "ikd-sweep ui" + (f" --tracking-uri {uri}" if tracking_uri else
-                                f" --home {root}" if home else "")
-    console.print(f"browse the runs: {ui_hint}    tables: ikd-sweep report --sweep {cfg.name}")
+    print_outcome(console, out, plan, "ikd-sweep ui" + (
+        f" --tracking-uri {uri}" if tracking_uri else f" --home {root}" if home else ""))
     if out.interrupted:
         err.print("[yellow]interrupted[/yellow]: state saved; re-run the same command to resume")
         raise typer.Exit(130)
@@ -539,12 +289,15 @@ def status(
     quiet_mlflow()
 
     uri = _tracking_uri(tracking_uri, None, _home(home))
-    try:
-        progress = sweep_progress(uri, sweep)
-    except LookupError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
-    console.print(render(snapshot_from_store(progress)))
+    console.print(render(snapshot_from_store(sweep_progress(uri, sweep))))
+
+
+def _read_store(uri: str | None, root: Path) -> str:
+    """The store a reader reads: never created here (opening a missing SQLite file would)."""
+    from ikd_sweep.store import require_store
+
+    return require_store(_tracking_uri(uri, None, root) if uri or
+                         os.environ.get("MLFLOW_TRACKING_URI") else f"sqlite:///{root}/mlflow.db")
 
 
 @app.command(epilog="Example: ikd-sweep report --sweep demo --format all")
@@ -558,7 +311,10 @@ def report(
     home: HomeOpt = None,
 ) -> None:
     """Compile KD-vs-IKD tables and plots from a sweep's MLflow runs."""
-    from analysis.report import NoFinishedRuns, make_report
+    from analysis.report import make_report
+    from ikd_sweep.tracking import quiet_mlflow
+
+    quiet_mlflow()
 
     formats = ("md", "csv", "latex", "html") if format_ == "all" else tuple(format_.split(","))
     bad = [f for f in formats if f not in ("md", "csv", "latex", "html")]
@@ -566,16 +322,12 @@ def report(
         raise typer.BadParameter(f"unknown format(s) {bad}; use md, csv, latex, html or all",
                                  param_hint="--format")
     root = _home(home)
-    uri = _existing_store(tracking_uri, root)
+    uri = _read_store(tracking_uri, root)
     if out is not None:
         from ikd_sweep.preflight import writable
 
         writable(out, "--out", "pass a folder you can write", create=False)
-    try:
-        text, files = make_report(sweep, uri, formats, out)
-    except (NoFinishedRuns, LookupError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+    text, files = make_report(sweep, uri, formats, out)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     for f in files:
         err.print(f"wrote {f}")
@@ -597,11 +349,7 @@ def plan(
     if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
         cfg = _load(Path(sweep))
         name, cfg_uri = cfg.name, cfg.tracking.uri
-    uri = _existing_store(tracking_uri or cfg_uri, _home(home))
-    try:
-        data = collect(name, uri)
-    except LookupError as e:
-        raise UserError(str(e)) from None
+    data = collect(name, _read_store(tracking_uri or cfg_uri, _home(home)))
     frame, scale = plan_seeds(data.runs, data.expected, effect)
     console.print(plan_text(data.sweep, frame, scale, effect), markup=False, highlight=False,
                   soft_wrap=True)
@@ -624,14 +372,10 @@ def export(
 
     Example: ikd-sweep export --sweep demo --task sst2 --method ikd --out students/sst2-ikd
     """
-    from ikd_sweep.export import ExportError, export_student
+    from ikd_sweep.export import export_student
 
     uri = _tracking_uri(tracking_uri, None, _home(home))
-    try:
-        got = export_student(sweep, task, method, seed, out, uri, register)
-    except (ExportError, LookupError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    got = export_student(sweep, task, method, seed, out, uri, register)
     console.print(
         f"{got.task}/{got.method}: selected setting {got.setting}; {got.phase} run "
         f"{got.trial_id} (seed {got.seed}, chosen by {got.seed_chosen}; run {got.run_id}): "
@@ -645,7 +389,7 @@ def export(
 def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """argv that serves this (resolved) store in the MLflow UI. For SQLite the artifact root is
     explicit: ``mlflow ui`` would resolve ``./mlartifacts`` against its own working directory."""
-    from ikd_sweep.tracking import default_artifact_root
+    from ikd_sweep.store import default_artifact_root
 
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri]
     root = default_artifact_root(tracking_uri)

@@ -1,5 +1,6 @@
-"""Errors a user causes (bad files, paths, flags, caches, stores) and the CLI reports in one or
-two lines with exit 2. Anything else is a bug and keeps its traceback."""
+"""Errors a user causes (bad files, paths, flags, caches, stores, sweeps) and the CLI reports in
+one or two lines with exit 2 (cli.py's one policy). Anything else is a bug and keeps its
+traceback."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class CacheError(UserError):
 
 class StoreError(UserError):
     """A tracking store that is missing, unreachable or not writable."""
+
+
+class UnknownSweep(StoreError, LookupError):
+    """A sweep the tracking store has no (live) parent run of; the message names those it has."""
 
 
 class PreflightError(UserError):

@@ -1,11 +1,11 @@
 """`ikd-sweep export`: the selected student of a sweep, as a Hugging Face model folder.
 
-The setting is the report's own selection (`analysis.tables.build_report(...).selected`, per
-(task, method), chosen on val); its runs are the report's (`Report.scores`: the confirmation runs
-when the setting has finished ones, else its search runs). Of those, the run of `--seed`, or by
+The setting is the report's own selection (`selection.selection`: per (task, method), chosen on
+val); its runs are the report's (`Selection.scores`: the confirmation runs when the setting has
+finished ones, else its search runs). Of those, the run of `--seed`, or by
 default the one with the best `sel/val_main` (val again: dev chooses nothing). Its `student`
 artifact, logged by the driver when the trial finished, is copied out of the tracking store
-(through tracking.py, one of the two MLflow modules) and, with `--register`, registered as a
+(through analysis/collect.py, one of the two MLflow modules) and, with `--register`, registered as a
 model version.
 """
 
@@ -15,8 +15,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ikd_sweep.errors import UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError):
     """Bad input for `export` (unknown task, method or seed, a non-empty --out): exit 2."""
 
 
@@ -49,16 +51,14 @@ def _setting(row) -> str:
 def export_student(sweep: str, task: str, method: str, seed: int | None, out: Path,
                    tracking_uri: str, register: str | None = None) -> Exported:
     """Copy the selected student of (sweep, task, method) into `out`; see the module doc."""
-    from analysis.collect import collect
-    from analysis.tables import build_report
-    from ikd_sweep.tracking import download_student, register_student
+    from analysis.collect import download_student, register_student
+    from ikd_sweep.selection import selection
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty folder")
-    runs = collect(sweep, tracking_uri)  # LookupError (unknown sweep) names the known ones
-    report = build_report(runs.runs, runs.expected, sweep)
-    selected = report.selected
+    sel = selection(sweep, tracking_uri)  # UnknownSweep names the sweeps there are
+    runs, selected = sel.runs, sel.selected
     if selected.empty:
         raise ExportError(f"sweep {sweep!r} has no finished trials to export from")
     if task not in set(selected["task"]):
@@ -70,7 +70,7 @@ def export_student(sweep: str, task: str, method: str, seed: int | None, out: Pa
                           f"from: {_choices(of_task['method'])}")
     row = of_task[of_task["method"].eq(method)].iloc[0]
     # The report's runs of that setting (Report.scores); their facts from the collected runs.
-    rep = report.scores
+    rep = sel.scores
     rep_ids = set(rep.loc[rep["task"].eq(task) & rep["method"].eq(method), "run_id"])
     picked = runs.runs[runs.runs["run_id"].isin(rep_ids)]
     if picked.empty:

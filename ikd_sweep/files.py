@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ikd_sweep.errors import UserError
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -51,7 +53,7 @@ def atomic_path(path: Path, *, first_wins: bool = False) -> Iterator[Path]:
         _remove(tmp)
 
 
-class SweepBusy(RuntimeError):
+class SweepBusy(UserError):
     """Another live process runs this sweep in this working folder."""
 
 

@@ -2,11 +2,12 @@
 method, ETA), live on the driver during `ikd-sweep run`, and once from the tracking store for
 `ikd-sweep status`.
 
-`SweepView` is a driver-side listener with the Tune callback hooks (tune.py's `_Forward` hands
-it every event; it never imports Ray). On a terminal it redraws in place (rich `Live`);
-otherwise it prints one plain line when the counts or a best score change, or every
-`interval_s` while trials report. A trial's reports are read as tune.py writes them:
-`{"ikd": {"kind": "log"|"eval"|"final"|"error"|"recorded"|"teacher"|"device", ...}}`.
+`SweepView` is a driver-side listener with the Tune callback hooks (the sweep driver hands it
+every event; it never imports Ray). On a terminal it redraws in place (rich `Live`); otherwise
+it prints one plain line when the counts or a best score change, or every `interval_s` while
+trials report. A failed attempt of a trial is one line (its error's type and message; the whole
+traceback is in the run's tag ikd.error). A trial's reports are read as the worker writes them
+(`sweep.events`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from ikd_sweep.sweep.events import (
+    ERROR,
+    EVAL,
+    FINAL,
+    RECORDED,
+    TEACHER,
+    describe_error,
+    error_line,
+    report_of,
+)
 
 STATES = ("done", "running", "failed", "stopped", "pending")
 # MLflow run status -> the view's state (KILLED: stopped early, or interrupted)
@@ -146,15 +158,12 @@ def snapshot_from_store(progress: dict[str, Any], now_ms: float | None = None) -
     return snap
 
 
-def _report(result: dict) -> dict:
-    return result.get("ikd") or {}
-
-
 class SweepView:
     """Driver-side listener: Tune's callback hooks in, the live view out.
 
-    `expect(trials)` (tune.py calls it before each Tuner) names the trials to come, with their
-    task and method; `total` counts the sweep's trials of all phases."""
+    `expect(trials)` (the driver calls it before each Tuner) names the trials to come, with
+    their task and method; `total` counts the sweep's trials of all phases
+    (`trials.SweepPlan.total`)."""
 
     def __init__(self, sweep: str, total: int, *, console: Console | None = None,
                  interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -165,6 +174,7 @@ class SweepView:
         self._counts, self._bests, self._last_at = "", {}, float("-inf")
         self._printed = ""
         self._concurrency = 1
+        self._failures: dict[str, str] = {}  # trial_id -> the failure line printed last
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -182,7 +192,7 @@ class SweepView:
         else:
             self._line(force=True)
 
-    # -- what tune.py calls --------------------------------------------------------------------
+    # -- what the sweep driver calls ---------------------------------------------------------
 
     def expect(self, trials: Iterable[Any]) -> None:
         for t in trials:
@@ -203,17 +213,19 @@ class SweepView:
         self._line()
 
     def on_trial_result(self, trial: Any, result: dict, **_: Any) -> None:
-        t, rep = self._trial(trial), _report(result)
+        t, rep = self._trial(trial), report_of(result)
         kind, m = rep.get("kind"), rep.get("metrics") or {}
-        if kind == "teacher":
+        if kind == ERROR:
+            self._failed(trial, rep.get("error"))
+        elif kind == TEACHER:
             self._print(f"teacher {m.get('task')} seed {m.get('seed')}: epoch "
                         f"{m.get('epoch')}/{m.get('epochs')}, dev {m.get('dev_main', 0):.4f}")
-        elif kind == "recorded":  # finished by an earlier run of the command
+        elif kind == RECORDED:  # finished by an earlier run of the command
             t.state, t.started = "done", None
-        elif kind in ("eval", "final"):
+        elif kind in (EVAL, FINAL):
             if math.isfinite(m.get("sel/val_main", math.nan)):
                 t.sel_val, t.sel_dev = m["sel/val_main"], m.get("sel/dev_main")
-            if kind == "final":
+            if kind == FINAL:
                 t.state = "done"
                 if t.started is not None:
                     t.seconds = self.clock() - t.started
@@ -227,7 +239,17 @@ class SweepView:
 
     def on_trial_error(self, trial: Any, **_: Any) -> None:
         self._trial(trial).state = "failed"
+        if trial.config["trial_id"] not in self._failures:  # died without reporting its error
+            error = trial.get_error()
+            self._failed(trial, describe_error(error) if error else None)
         self._line()
+
+    def _failed(self, trial: Any, error: str | None) -> None:
+        """One line per failure; a retry that fails the same way prints nothing new."""
+        tid, line = trial.config["trial_id"], error_line(error)
+        if self._failures.get(tid) != line:
+            self._failures[tid] = line
+            self._print(f"FAILED {tid}: {line}")
 
     # -- output --------------------------------------------------------------------------------
 

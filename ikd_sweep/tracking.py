@@ -1,113 +1,60 @@
-"""MLflow: one experiment, one parent run per sweep, one child run per trial (get-or-create,
-so a resumed or retried trial never gets a second run).
+"""MLflow, the store's one writer and its reader: one experiment, one parent run per sweep, one
+child run per trial (get-or-create, so a resumed or retried trial never gets a second run).
 
-One process writes a sweep's store: the Ray driver (the Tune callback in tune.py) or
-`ikd-sweep train`. Metrics go through MLflow's asynchronous `log_batch` (its HTTP client
-retries with backoff); a batch it could not deliver is appended to
-`<home>/lost-metrics/<run_id>.jsonl` and counted in the tag `ikd.lost_metrics`, so a loss is
-reported, never silent. `finish_trial` waits for the run's metrics before ending it.
+One process writes a sweep's store: the Ray driver or `ikd-sweep train`, each through one
+`TrialRecorder` (a trial's start, device, metrics, kept student and end). Metrics go through
+MLflow's asynchronous `log_batch` (its HTTP client retries with backoff); a batch it could not
+deliver is appended to `<home>/lost-metrics/<run_id>.jsonl` and counted in the tag
+`ikd.lost_metrics`, so a loss is reported, never silent. `finish_trial` waits for the run's
+metrics before ending it. The reader (`search_runs`, `find_parent`, `trial_runs`,
+`load_trials`) serves the tracker, `status` and analysis/collect.py alike.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, wait
 from contextlib import nullcontext
-from functools import cache, cached_property, partial
-from importlib.metadata import PackageNotFoundError, version
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from filelock import FileLock
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.utils import mlflow_tags
 
-from ikd_sweep import __version__
-from ikd_sweep.config import SweepConfig, default_home
-from ikd_sweep.trials import Trial, flatten
+from ikd_sweep.config import SweepConfig
+from ikd_sweep.errors import UnknownSweep
+from ikd_sweep.store import (
+    LOST_METRICS_DIR,
+    ROLE_SWEEP,
+    ROLE_TRIAL,
+    STUDENT_ARTIFACT,
+    TAG,
+    TRIALS_ARTIFACT,
+    absolute_sqlite_uri,
+    code_metadata,
+    default_artifact_root,
+    device_tags,
+    home_for,
+    require_store,
+    sqlite_path,
+    trial_tags,
+)
+from ikd_sweep.trials import Trial, flat_params, flatten, trial_record
 
 _log = logging.getLogger(__name__)
 
-DB_NAME, ARTIFACTS_DIR, LOST_METRICS_DIR = "mlflow.db", "mlartifacts", "lost-metrics"
-STUDENT_ARTIFACT = "student"  # a trial run's selected student (a Hugging Face model folder)
-
-
-class TAG:
-    """The one table of MLflow tag names; tune.py, the CLI and analysis/collect.py use these."""
-
-    SWEEP = "ikd.sweep"
-    ROLE = "ikd.role"  # ROLE_SWEEP on the parent run, ROLE_TRIAL on each child
-    TRIAL_ID = "ikd.trial_id"
-    TASK = "ikd.task"
-    METHOD = "ikd.method"
-    SEED = "ikd.seed"
-    PHASE = "ikd.phase"  # "search" | "confirm"
-    ERROR = "ikd.error"
-    SUPERSEDED = "ikd.superseded"  # a parent replaced by `run --restart`
-    LOST = "ikd.lost_metrics"
-    VERSION = "ikd.version"
-    GIT = "ikd.git_commit"
-    GIT_DIRTY = "ikd.git_dirty"  # "true": the code had uncommitted changes (tracked files)
-    LIB = "ikd.lib."  # + library name: its installed version
-    DEVICE = "ikd.device"  # where the trial trained (reported by the worker): cuda | cpu | mps
-    GPU = "ikd.gpu"  # the GPU's name, "none" on CPU
-    PARENT = "mlflow.parentRunId"
-    EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag: which view the MLflow UI opens
-
-
 # MLflow 3's UI opens an experiment of this kind on its training-runs table.
 EXPERIMENT_KIND = "custom_model_development"
-LIBRARIES = ("torch", "transformers", "ray", "mlflow")
-
-
-ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
-
-
-def resolve_tracking_uri(uri: str | None, home: Path) -> str:
-    """Explicit ``uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<home>/mlflow.db`` (absolute;
-    ``home`` is created so that SQLite can create the database in it)."""
-    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return _absolute_sqlite_uri(uri or os.environ["MLFLOW_TRACKING_URI"])
-    Path(home).expanduser().mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(home).expanduser().resolve()}/{DB_NAME}"
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, or None for anything else (or in-memory)."""
-    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-    ok = tracking_uri.startswith("sqlite:///") and path not in ("", ":memory:")
-    return Path(unquote(path)) if ok else None
-
-
-def _absolute_sqlite_uri(uri: str) -> str:
-    # A relative sqlite path depends on the working directory of whoever opens it.
-    path = sqlite_path(uri)
-    if path is None or path.is_absolute():
-        return uri
-    return f"sqlite:///{path.resolve()}" + (f"?{uri.split('?', 1)[1]}" if "?" in uri else "")
-
-
-def home_for(tracking_uri: str) -> Path:
-    """The SQLite database's folder, else :func:`default_home` (for a tracking server)."""
-    return path.parent if (path := sqlite_path(tracking_uri)) else default_home().resolve()
-
-
-def default_artifact_root(tracking_uri: str) -> str | None:
-    """``file://<home>/mlartifacts`` for SQLite stores; None for servers (the server decides)."""
-    path = sqlite_path(tracking_uri)
-    return None if path is None else (path.parent / ARTIFACTS_DIR).resolve().as_uri()
 
 
 def _param_value(value: Any) -> str:
@@ -120,43 +67,6 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _git(*args: str) -> str | None:
-    # The package's own checkout, not the working directory: a sweep launched from elsewhere
-    # still records the code it ran.
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-@cache
-def code_metadata() -> dict[str, str]:
-    """Tags every run carries: library versions, git commit and dirty flag of the package's
-    checkout (none when installed from a wheel), and MLflow's own source tags."""
-    tags = {TAG.VERSION: __version__, mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL",
-            mlflow_tags.MLFLOW_SOURCE_NAME: " ".join(["ikd-sweep", *sys.argv[1:2]])}
-    for lib in LIBRARIES:
-        try:
-            tags[TAG.LIB + lib] = version(lib)
-        except PackageNotFoundError:
-            tags[TAG.LIB + lib] = "not installed"
-    try:
-        tags[mlflow_tags.MLFLOW_USER] = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        pass
-    sha = _git("rev-parse", "HEAD")
-    if sha:
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
-        tags.update({TAG.GIT: sha, mlflow_tags.MLFLOW_GIT_COMMIT: sha,
-                     TAG.GIT_DIRTY: "unknown" if dirty is None else str(bool(dirty)).lower()})
-        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
-        if branch and branch != "HEAD":
-            tags[mlflow_tags.MLFLOW_GIT_BRANCH] = branch
-    return tags
-
-
 def quiet_mlflow() -> None:
     """MLflow's own INFO messages (database set-up) and artifact download bars off: the CLI's
     output is its own."""
@@ -164,24 +74,76 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow set INFO when imported
 
 
-def device_tags(info: dict[str, str]) -> dict[str, str]:
-    """``{"device": "cuda", "gpu": "NVIDIA H200"}`` (a worker's report) as run tags."""
-    return {TAG.DEVICE: str(info.get("device", "unknown")), TAG.GPU: str(info.get("gpu", "none"))}
+# -- the store reader: shared by the tracker, `status`, `export` and analysis/collect.py ------
 
 
-def trial_tags(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
-    return {TAG.SWEEP: cfg.name, TAG.TASK: trial.task, TAG.METHOD: trial.method,
-            TAG.SEED: str(trial.seed), TAG.TRIAL_ID: trial.trial_id, TAG.PHASE: trial.phase}
+def search_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str
+                ) -> list[Any]:
+    """Every run matching ``filter_string`` (all pages), oldest first, run id as tie-break:
+    so the first run of a trial is its one canonical run."""
+    runs: list[Any] = []
+    for chunk in (experiment_ids[i:i + 100] for i in range(0, len(experiment_ids), 100)):
+        token = None  # search_runs takes a bounded list of experiments per call
+        while token != "":
+            page = client.search_runs(chunk, filter_string, max_results=1000, page_token=token)
+            runs += page
+            token = page.token or ""
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def sweep_parents(client: MlflowClient) -> list[Any]:
+    """Every live (not superseded) sweep parent run of the store's active experiments, newest
+    first."""
+    ids, token = [], None
+    while token != "":
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                         page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token or ""
+    parents = [r for r in search_runs(client, ids, f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
+               if r.data.tags.get(TAG.SUPERSEDED) != "true"]
+    return sorted(parents, key=lambda r: r.info.start_time or 0, reverse=True)
+
+
+def find_parent(client: MlflowClient, sweep: str | None) -> Any:
+    """The newest live parent run of ``sweep`` (of any sweep when None). Raises
+    `UnknownSweep`, naming the sweeps the store has."""
+    parents = sweep_parents(client)
+    parent = next((r for r in parents if sweep is None or r.data.tags.get(TAG.SWEEP) == sweep),
+                  None)
+    if parent is None:
+        names = ", ".join(dict.fromkeys(r.data.tags.get(TAG.SWEEP, "") for r in parents))
+        where = f"the store at {client.tracking_uri}"
+        raise UnknownSweep(f"no sweep {sweep!r} in {where} (known sweeps: {names or 'none'})"
+                           if sweep else f"no sweep in {where}; run one first")
+    return parent
+
+
+def trial_runs(client: MlflowClient, parent: Any) -> list[Any]:
+    """The trial (child) runs of a parent run, oldest first."""
+    runs = search_runs(client, [parent.info.experiment_id],
+                       f"tags.`{TAG.PARENT}` = '{parent.info.run_id}'")
+    return [r for r in runs if r.data.tags.get(TAG.ROLE, ROLE_TRIAL) == ROLE_TRIAL]
+
+
+def load_trials(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]:
+    """The parent run's ``trials.json`` ([] when it has none yet)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent_run_id, TRIALS_ARTIFACT, tmp)
+        except Exception:  # no such artifact yet
+            return []
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return list(data) if isinstance(data, list) else []
 
 
 class SweepTracker:
     """Records sweeps in MLflow from one process (the Ray driver or ``ikd-sweep train``)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None, *,
-                 home: str | Path | None = None, flush_timeout_s: float = 120.0) -> None:
-        self.tracking_uri, self.experiment = _absolute_sqlite_uri(tracking_uri), experiment
-        self.artifact_root = (artifact_root if artifact_root is not None
-                              else default_artifact_root(self.tracking_uri))
+    def __init__(self, tracking_uri: str, experiment: str, *, home: str | Path | None = None,
+                 flush_timeout_s: float = 120.0) -> None:
+        self.tracking_uri, self.experiment = absolute_sqlite_uri(tracking_uri), experiment
+        self.artifact_root = default_artifact_root(self.tracking_uri)
         self.home = Path(home).expanduser().resolve() if home else home_for(self.tracking_uri)
         self.flush_timeout_s = float(flush_timeout_s)  # finish_trial's wait for the metrics
         # A failed batch is reported here (one warning per outage, the lost-metrics file), not
@@ -231,14 +193,7 @@ class SweepTracker:
             return exp.experiment_id
 
     def _search(self, filter_string: str) -> list[Any]:
-        runs, token = [], None
-        while token != "":
-            page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
-                                           max_results=1000, page_token=token)
-            runs.extend(page)
-            token = page.token or ""
-        # Oldest first, run id as the tie-break: one canonical run per trial.
-        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        return search_runs(self.client, [self.experiment_id], filter_string)
 
     # -- sweep (parent) runs ------------------------------------------------------------------
 
@@ -267,16 +222,7 @@ class SweepTracker:
 
     def set_expected_trials(self, parent_run_id: str, trials: list[dict[str, Any]]) -> None:
         """The sweep's list of expected trials (``trials.json`` of the parent run)."""
-        self.client.log_dict(parent_run_id, _jsonable(list(trials)), "trials.json")
-
-    def expected_trials(self, parent_run_id: str) -> list[dict[str, Any]]:
-        """The parent run's ``trials.json`` ([] when it has none)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = self.client.download_artifacts(parent_run_id, "trials.json", tmp)
-            except Exception:  # no such artifact yet
-                return []
-            return list(json.loads(Path(path).read_text()))
+        self.client.log_dict(parent_run_id, _jsonable(list(trials)), TRIALS_ARTIFACT)
 
     def end_sweep(self, parent_run_id: str, status: str) -> None:
         self.client.set_terminated(parent_run_id, status=status)
@@ -426,43 +372,64 @@ class SweepTracker:
             _log.warning("End of run %s saved to %s", run_id, path)
 
 
+class TrialRecorder:
+    """The trials of one sweep's parent run as they happen: start, device, metrics, kept
+    student, finish. The sweep's Tune callback, the driver's reconciliation after a Tuner and
+    `ikd-sweep train` all record through it, so a trial is recorded the same way everywhere."""
+
+    def __init__(self, tracker: SweepTracker, parent: str, cfg: SweepConfig) -> None:
+        self.tracker, self.parent, self.cfg = tracker, parent, cfg
+        self.runs: dict[str, str] = {}  # trial_id -> run_id, of the trials recorded so far
+
+    def start(self, trial: Trial, run_id: str | None = None) -> str:
+        """The trial's run, RUNNING (created if new); `run_id`: one the store already has."""
+        self.runs[trial.trial_id] = run_id or self.tracker.trial_run(
+            self.parent, trial.trial_id, tags=trial_tags(self.cfg, trial),
+            params=flat_params(self.cfg, trial))
+        return self.runs[trial.trial_id]
+
+    def _run(self, trial: Trial) -> str:
+        return self.runs.get(trial.trial_id) or self.start(trial)
+
+    def device(self, trial: Trial, info: dict[str, str]) -> None:
+        self.tracker.set_tags(self._run(trial), device_tags(info))
+
+    def metrics(self, trial: Trial, metrics: dict[str, float], step: int,
+                time_ms: int | None = None) -> None:
+        self.tracker.log_metrics(self._run(trial), metrics, step, time_ms)
+
+    def keep_student(self, trial: Trial, folder: Path) -> bool:
+        """Log the trial's selected-student folder as its run's `student` artifact; False
+        (with a warning) when there is none or the upload failed."""
+        if not folder.is_dir():
+            return False
+        try:
+            self.tracker.log_student(self._run(trial), folder)
+        except Exception as exc:
+            _log.warning("MLflow: the student of %s was not logged (%s); it stays in %s",
+                         trial.trial_id, exc, folder)
+            return False
+        return True
+
+    def finish(self, trial: Trial, status: str, *, final: dict[str, Any] | None = None,
+               error: str | None = None) -> None:
+        """End the trial's run with `status` (FINISHED, FAILED, KILLED), its final metrics or
+        its error (the whole text, traceback included, goes to the tag ikd.error)."""
+        run_id = self._run(trial)
+        if final is not None:
+            self.tracker.log_metrics(run_id, final, int(final.get("steps", 0)))
+        self.tracker.finish_trial(run_id, status, error=error, final_metrics=final,
+                                  trial_config=trial_record(self.cfg, trial))
+
+
 def sweep_progress(tracking_uri: str, sweep: str | None = None) -> dict[str, Any]:
     """What ``ikd-sweep status`` shows, read from the store alone: the newest live parent run
     of ``sweep`` (of any sweep when None), its expected trials and one entry per trial run.
-    Raises LookupError (naming the sweeps there are) when there is no such sweep; never
-    creates a store."""
-    db = sqlite_path(_absolute_sqlite_uri(tracking_uri))
-    if db is not None and not db.exists():
-        raise LookupError(f"no tracking store at {db} (run a sweep first, or pass --home or "
-                          "--tracking-uri)")
-    client = MlflowClient(tracking_uri=tracking_uri)
-
-    def search(ids: list[str], filter_string: str) -> list[Any]:  # read-only: no tracker
-        runs = []
-        for chunk in (ids[i:i + 100] for i in range(0, len(ids), 100)):
-            token = None
-            while token != "":
-                page = client.search_runs(chunk, filter_string, max_results=1000,
-                                          page_token=token)
-                runs += page
-                token = page.token or ""
-        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
-    exps = {e.experiment_id: e.name for e in client.search_experiments(max_results=1000)}
-    parents = [r for r in search(list(exps), f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
-               if r.data.tags.get(TAG.SUPERSEDED) != "true"]
-    parents.sort(key=lambda r: r.info.start_time or 0, reverse=True)
-    names = list(dict.fromkeys(r.data.tags.get(TAG.SWEEP, "") for r in parents))
-    parent = next((r for r in parents if sweep is None or r.data.tags.get(TAG.SWEEP) == sweep),
-                  None)
-    if parent is None:
-        raise LookupError(f"no sweep {sweep!r} in the store at {tracking_uri}; sweeps there: "
-                          f"{', '.join(names) or 'none'}" if sweep else
-                          f"no sweep in the store at {tracking_uri}")
+    Raises `UnknownSweep` or `StoreError`; never creates a store."""
+    client = MlflowClient(tracking_uri=require_store(tracking_uri))
+    parent = find_parent(client, sweep)
     runs: dict[str, dict[str, Any]] = {}
-    children = search([parent.info.experiment_id],
-                      f"tags.`{TAG.PARENT}` = '{parent.info.run_id}'")
-    for r in children:  # oldest first: the canonical run wins
+    for r in trial_runs(client, parent):  # oldest first: the canonical run wins
         tags, m = r.data.tags, r.data.metrics
         runs.setdefault(tags.get(TAG.TRIAL_ID, ""), {
             "trial_id": tags.get(TAG.TRIAL_ID, ""), "task": tags.get(TAG.TASK),
@@ -472,39 +439,4 @@ def sweep_progress(tracking_uri: str, sweep: str | None = None) -> dict[str, Any
             "sel_dev_main": m.get("sel/dev_main")})
     return {"sweep": parent.data.tags.get(TAG.SWEEP), "run_id": parent.info.run_id,
             "status": parent.info.status, "start_ms": parent.info.start_time,
-            "expected": SweepTracker(tracking_uri, exps[parent.info.experiment_id]
-                                     ).expected_trials(parent.info.run_id),
-            "runs": list(runs.values())}
-# -- a trial's student, for `ikd-sweep export` ------------------------------------------------
-
-
-def download_student(tracking_uri: str, run_id: str, dest: Path) -> Path:
-    """Copy run ``run_id``'s ``student`` artifact into the folder ``dest`` (created; must be
-    empty). Raises LookupError when the run kept no student."""
-    client = MlflowClient(tracking_uri=_absolute_sqlite_uri(tracking_uri))
-    if not any(f.path == STUDENT_ARTIFACT for f in client.list_artifacts(run_id)):
-        raise LookupError(f"run {run_id} has no {STUDENT_ARTIFACT!r} artifact (it kept no "
-                          "student: a sweep run before students were kept, or a failed upload)")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        got = Path(client.download_artifacts(run_id, STUDENT_ARTIFACT, tmp))
-        for item in got.iterdir():
-            os.replace(item, dest / item.name)
-    return dest
-
-
-def register_student(tracking_uri: str, run_id: str, name: str) -> str:
-    """Register run ``run_id``'s ``student`` artifact as a new version of the registered model
-    ``name`` (created if needed); returns the version. The artifact is a Hugging Face folder,
-    not an MLflow Model, so the version points at the run's artifact (``runs:/<id>/student``):
-    MLflow 3's ``mlflow.register_model`` looks for a logged MLflow Model there and fails."""
-    client = MlflowClient(tracking_uri=_absolute_sqlite_uri(tracking_uri))
-    try:
-        client.create_registered_model(name, description="ikd-sweep selected students")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(name, source=f"runs:/{run_id}/{STUDENT_ARTIFACT}",
-                                          run_id=run_id)
-    return str(version.version)
+            "expected": load_trials(client, parent.info.run_id), "runs": list(runs.values())}

@@ -1,9 +1,12 @@
-"""Trials: what one point of a sweep is, which hyperparameters each method uses, expansion,
-seeds and picking one trial by hand.
+"""Trials: what one point of a sweep is, which hyperparameters each method uses, the sweep's
+plan (`SweepPlan`: both phases, optuna studies, the control rule, totals), seeds and picking one
+trial by hand.
 
-The one home of these facts: cli, tune, the trainer's assembly (`trial.py`), the teacher cache
-and analysis all read them from here. `finetune` uses no hyperparameter of the search, `kd` the
-temperature, `ikd` temperature, exam_every and teacher_lr (`METHOD_HPARAMS`).
+The one home of these facts: the CLI, the sweep driver, the live view, the trainer's assembly
+(`trial.py`), the teacher cache and analysis all read them from here. `finetune` uses no
+hyperparameter of the search, `kd` the temperature, `ikd` temperature, exam_every and
+teacher_lr (`METHOD_HPARAMS`); `ikd` with teacher_lr 0 is its own method, the control
+(`CONTROL`, `method_label`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ikd_sweep.config import METHODS, SweepConfig
+from ikd_sweep.errors import UserError
 
 HPARAMS = ("temperature", "exam_every", "teacher_lr")
 # Which search hyperparameters each method uses; the others stay None in its trials.
@@ -24,6 +28,19 @@ METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
     "kd": ("temperature",),
     "ikd": ("temperature", "exam_every", "teacher_lr"),
 }
+# ikd with a teacher that never moves (teacher_lr 0): the report's control method, selected
+# and confirmed apart from ikd.
+CONTROL = "ikd-control"
+
+
+def method_label(method: str, teacher_lr: float | None) -> str:
+    """The method a trial counts for in the report: `CONTROL` for ikd with teacher_lr 0."""
+    return CONTROL if method == "ikd" and teacher_lr == 0 else method
+
+
+def base_method(label: str) -> str:
+    """The method a report label trains with (`CONTROL` is an ikd trial)."""
+    return "ikd" if label == CONTROL else label
 
 
 @dataclass(frozen=True)
@@ -138,8 +155,12 @@ class Study:
 
     @property
     def name(self) -> str:
-        control = dict(self.fixed).get("teacher_lr") == 0
-        return f"{self.task}-{self.method}" + ("-control" if control else "")
+        return f"{self.task}-{self.method}" + ("-control" if self.label == CONTROL else "")
+
+    @property
+    def label(self) -> str:
+        """The report's method of the settings this study proposes."""
+        return method_label(self.method, dict(self.fixed).get("teacher_lr"))
 
     def trial(self, suggestion: Mapping[str, float], seed: int) -> Trial:
         """The trial of a suggested setting on sweep seed `seed` (grid's id format)."""
@@ -177,13 +198,6 @@ def optuna_studies(cfg: SweepConfig) -> list[Study]:
             for method in cfg.methods for st in _optuna_spaces(cfg, method) if st.ranges]
 
 
-def planned_trial_count(cfg: SweepConfig) -> int:
-    """How many search-phase trials the sweep will run: with optuna the suggested ones are
-    not known up front, but their number is (num_samples x seeds per study)."""
-    per_study = cfg.search.num_samples * len(cfg.search.seeds)
-    return len(expand_trials(cfg)) + len(optuna_studies(cfg)) * per_study
-
-
 def expand_trials(cfg: SweepConfig) -> list[Trial]:
     """All search trials of a sweep known up front, without duplicates, in a stable order
     (task, method, point, seed). With optuna: only the fixed settings (finetune, lists of one
@@ -217,7 +231,74 @@ def confirm_trials(cfg: SweepConfig, task: str, method: str,
             for seed in cfg.search.confirm_seeds]
 
 
-class PickError(ValueError):
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep's trials, worked out once per command: the search trials known up front, the
+    optuna studies (their trials are chosen during the run) and the confirmation phase (the
+    selected setting of each (task, method label) re-run on `search.confirm_seeds`, known once
+    the search has selected it). validate, `run --dry-run`, the live view and the driver read
+    their numbers from here."""
+
+    cfg: SweepConfig
+    search: tuple[Trial, ...]
+    studies: tuple[Study, ...]
+
+    @classmethod
+    def of(cls, cfg: SweepConfig) -> SweepPlan:
+        return cls(cfg, tuple(expand_trials(cfg)), tuple(optuna_studies(cfg)))
+
+    @property
+    def n_search(self) -> int:
+        """Search-phase trials, those optuna will choose included (num_samples x seeds each)."""
+        s = self.cfg.search
+        return len(self.search) + len(self.studies) * s.num_samples * len(s.seeds)
+
+    def labels(self) -> list[tuple[str, str]]:
+        """(task, method label) of every selection the search makes: a random or grid sweep
+        with teacher_lr 0 has control trials, an optuna sweep a control study."""
+        found = {(t.task, method_label(t.method, t.teacher_lr)) for t in self.search}
+        found |= {(st.task, st.label) for st in self.studies}
+        order = [*self.cfg.methods, CONTROL]
+        return sorted(found, key=lambda k: (self.cfg.tasks.index(k[0]), order.index(k[1])))
+
+    def confirm_slots(self) -> list[tuple[str, str, int]]:
+        """(task, method label, seed) of each confirmation trial to come."""
+        return [(task, label, seed) for task, label in self.labels()
+                for seed in self.cfg.search.confirm_seeds]
+
+    @property
+    def total(self) -> int:
+        return self.n_search + len(self.confirm_slots())
+
+    def confirmations(self, settings: Iterable[Mapping[str, Any]]) -> list[Trial]:
+        """Each selected setting (`task`, `method` — a label or the method it trains with — and
+        its hyperparameters) of a task and method still in the sweep, on the confirm seeds."""
+        out: list[Trial] = []
+        for st in settings:
+            method = base_method(st["method"])
+            if st["task"] in self.cfg.tasks and method in self.cfg.methods:
+                out += confirm_trials(self.cfg, st["task"], method, st)
+        return list(dict.fromkeys(out))
+
+    def headline(self) -> str:
+        """`12 trials (10 search, 2 confirm)`: the sweep's size in one phrase."""
+        n_confirm = len(self.confirm_slots())
+        phases = f" ({self.n_search} search, {n_confirm} confirm)" if n_confirm else ""
+        return f"{self.total} trials{phases}"
+
+    def studies_note(self) -> str | None:
+        """The trials of an optuna sweep that are not known up front, in one line."""
+        if not self.studies:
+            return None
+        spaces = dict.fromkeys(f"{st.label} " + ", ".join(f"{h} {lo:g}..{hi:g}"
+                                                          for h, lo, hi in st.ranges)
+                               for st in self.studies)
+        s = self.cfg.search
+        return (f"optuna: {s.num_samples} settings x {len(s.seeds)} seeds per (task, method), "
+                f"chosen during the run ({len(self.studies)} searches: {'; '.join(spaces)})")
+
+
+class PickError(UserError):
     """A trial asked for by hand that the sweep cannot run; `option` names the CLI option."""
 
     def __init__(self, option: str, message: str):

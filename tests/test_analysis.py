@@ -558,7 +558,7 @@ def test_latest_sweep_and_lookup_errors(
     empty = new_tracker(tmp_path_factory, tmp_path / "empty", "x")
     assert empty.experiment_id
     assert latest_sweep_name(empty.tracking_uri) is None
-    with pytest.raises(LookupError, match="No sweeps"):
+    with pytest.raises(LookupError, match="no sweep in the store"):
         collect(None, empty.tracking_uri)
 
 

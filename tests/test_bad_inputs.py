@@ -349,7 +349,7 @@ def test_a_bug_keeps_its_traceback_with_a_hint(finished: Env, monkeypatch: pytes
     def broken(cfg):
         raise RuntimeError("planted bug")
 
-    monkeypatch.setattr(cli, "expand_trials", broken)
+    monkeypatch.setattr(cli.SweepPlan, "of", broken)
     result = CliRunner().invoke(app, ["validate", str(finished.base)])
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
     assert "unexpected error (RuntimeError)" in result.output and "report it" in result.output

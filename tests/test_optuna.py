@@ -102,8 +102,9 @@ def test_searcher_chain_runs_each_setting_on_every_seed_and_learns_the_mean():
     mean over a setting's seeds, and a space with fewer settings than asked ends early."""
     from ray.tune.search import Searcher
 
+    from ikd_sweep.sweep.events import OBJECTIVE
+    from ikd_sweep.sweep.search import optuna_searcher
     from ikd_sweep.trials import Study
-    from ikd_sweep.tune import OBJECTIVE, optuna_searcher
 
     cfg = _config(seeds=[3, 7], num_samples=3)
     study = Study("rte", "ikd", (("exam_every", 1, 2),),
@@ -125,7 +126,7 @@ def test_searcher_chain_runs_each_setting_on_every_seed_and_learns_the_mean():
 
 
 def test_a_listed_teacher_lr_0_gets_its_own_search():
-    from ikd_sweep.trials import expand_trials, optuna_studies, planned_trial_count
+    from ikd_sweep.trials import SweepPlan, expand_trials, optuna_studies
 
     cfg = _config(teacher_lr=[0, 1e-5, 1e-4], exam_every=[2], seeds=[1, 2], num_samples=3)
     studies = {st.name: st for st in optuna_studies(cfg)}
@@ -134,4 +135,4 @@ def test_a_listed_teacher_lr_0_gets_its_own_search():
     assert [h for h, *_ in studies["rte-ikd"].ranges] == ["temperature", "teacher_lr"]
     # finetune has no hyperparameter: plain trials per seed; 3 searches x 3 settings x 2 seeds.
     assert [t.trial_id for t in expand_trials(cfg)] == ["rte-finetune-s1", "rte-finetune-s2"]
-    assert planned_trial_count(cfg) == 2 + 3 * 3 * 2
+    assert SweepPlan.of(cfg).n_search == 2 + 3 * 3 * 2

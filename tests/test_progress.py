@@ -70,7 +70,7 @@ def test_status_counts_trials_and_shows_the_best_selected_score(tmp_path, tmp_pa
     # Without --sweep: the latest sweep; an unknown name is bad input that names the sweeps.
     assert "watched [RUNNING]" in cli.invoke(app, ["status", "--home", str(home)]).output
     bad = cli.invoke(app, ["status", "--sweep", "nope", "--home", str(home)])
-    assert bad.exit_code == 2 and "sweeps there: watched" in bad.output
+    assert bad.exit_code == 2 and "known sweeps: watched" in bad.output
     # A folder without a store is reported, not created.
     empty = cli.invoke(app, ["status", "--home", str(tmp_path / "none")])
     assert empty.exit_code == 2 and "no tracking store" in empty.output
@@ -88,7 +88,8 @@ def test_live_view_prints_teacher_epochs_counts_and_new_bests():
         view.on_trial_result(trial=SimpleNamespace(config={"trial_id": tid}),
                              result={"ikd": report})
 
-    a, b, c = (SimpleNamespace(config={"trial_id": t["trial_id"]}) for t in EXPECTED[:3])
+    a, b, c = (SimpleNamespace(config={"trial_id": t["trial_id"]},
+                               get_error=lambda: ValueError("boom")) for t in EXPECTED[:3])
     with view:
         view.on_trial_start(trial=a)
         result("rte-kd-a", "teacher", task="rte", seed=1, epoch=1, epochs=3, dev_main=0.61)
@@ -105,6 +106,8 @@ def test_live_view_prints_teacher_epochs_counts_and_new_bests():
                for line in lines)
     assert any("| new best rte/kd 0.7000 (dev 0.6500)" in line for line in lines)
     assert lines[-1].startswith("demo: 1/3 done, 0 running, 1 failed, 1 stopped, 0 pending")
+    # A failure is one line (type and message), printed once: no traceback.
+    assert [line for line in lines if "boom" in line] == ["FAILED rte-ikd-a: ValueError: boom"]
     assert "\x1b[" not in buf.getvalue()  # no ANSI codes when the output is not a terminal
 
 

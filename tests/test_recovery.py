@@ -167,7 +167,7 @@ def test_a_second_run_of_the_same_sweep_is_refused_and_the_first_finishes(tmp_pa
 def test_errors_are_plain_text_with_the_root_cause_first():
     from ray.exceptions import RayTaskError
 
-    from ikd_sweep.tune import describe_error
+    from ikd_sweep.sweep.events import describe_error
 
     try:
         raise ValueError("\x1b[31mbad\x1b[0m value")

@@ -16,12 +16,9 @@ from helpers import migrated_store
 from mlflow import MlflowClient
 
 from ikd_sweep.cli import ui_command
-from ikd_sweep.tracking import (
-    SweepTracker,
-    default_home,
-    resolve_tracking_uri,
-    sqlite_path,
-)
+from ikd_sweep.config import default_home
+from ikd_sweep.store import resolve_tracking_uri, sqlite_path
+from ikd_sweep.tracking import SweepTracker
 
 REPO = Path(__file__).resolve().parents[1]
 
