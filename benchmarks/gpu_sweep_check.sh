@@ -34,6 +34,9 @@ exec > >(tee "$OUTDIR/gpu_sweep_check.txt") 2>&1
 T0=$(date +%s)
 stamp() { echo; echo "=== $* (+$(( $(date +%s) - T0 )) s)"; }
 left() { local n=$(( DEADLINE - ($(date +%s) - T0) )); echo $(( n > 10 ? n : 10 )); }
+# Run "$@" for at most $1 seconds (or what is left); SIGINT first, so a sweep saves its state
+# and shuts its Ray down, as after Ctrl-C.
+capped() { local c=$1 l; l=$(left); shift; timeout -s INT -k 30 $(( c < l ? c : l )) "$@"; }
 
 if [ -d .whl ] && [ "${SKIP_WHL:-0}" != 1 ]; then  # SKIP_WHL=1: use the local env
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -52,9 +55,11 @@ $PY -c "import sys, torch; from importlib.metadata import version as v; print('p
 if [ "$SMALL" = 1 ]; then
   HIDDEN=64; HEADS=2; TL=2; SL=1; VOCAB=2000; ROWS=400; EVAL=100; LEN=32; EPOCHS=1
   PACKS=${PACKS:-"1 2"}; TEMPS="[2]"; LR=1.0e-3
+  declare -A CAP=([train]=3600 [1]=3600 [2]=3600)
 else
   HIDDEN=768; HEADS=12; TL=12; SL=6; VOCAB=8000; ROWS=16000; EVAL=872; LEN=128; EPOCHS=1
   PACKS=${PACKS:-"1 2 4"}; TEMPS="[2, 4]"; LR=1.0e-4
+  declare -A CAP=([train]=100 [1]=150 [2]=110 [4]=100)  # seconds per step, in DEADLINE
 fi
 CORES=$($PY -c "import os; print(len(os.sched_getaffinity(0)))")  # nproc obeys OMP_NUM_THREADS
 
@@ -92,7 +97,7 @@ FIRST=$(echo $PACKS | cut -d' ' -f1)
 # The kd trial alone: where its time goes; it also fine-tunes the teacher and caches the data
 # and the kd logits, so that the sweeps below measure trials, not the first trial's set-up.
 stamp "ikd-sweep train --method kd (time shares; caches the teacher for the sweeps)"
-timeout "$(left)" $PY -m ikd_sweep.cli train "$WORK/pack_$FIRST.yaml" --task sst2 --method kd \
+capped "${CAP[train]}" $PY -m ikd_sweep.cli train "$WORK/pack_$FIRST.yaml" --task sst2 --method kd \
   --device "$DEVICE" --no-track > "$WORK/train_kd.json" 2> "$WORK/train_kd.err"
 echo "exit $?"; tail -n 3 "$WORK/train_kd.err"
 
@@ -102,7 +107,7 @@ for k in $PACKS; do
   stamp "ikd-sweep run: packing $k trials per $DEVICE device"
   grep -E "^(resources|max_concurrent)" "$WORK/pack_$k.yaml"
   t=$(date +%s.%N)
-  timeout "$(left)" $PY -m ikd_sweep.cli run "$WORK/pack_$k.yaml" < /dev/null 2>&1 \
+  capped "${CAP[$k]:-150}" $PY -m ikd_sweep.cli run "$WORK/pack_$k.yaml" < /dev/null 2>&1 \
     | grep -vE "^\s*$" | tail -n 25
   echo "exit ${PIPESTATUS[0]}"
   FIG+=(--sweep "pack_$k=sweepcheck-pack$k" --wall "pack_$k=$($PY -c "import time; print(round(time.time() - $t, 1))")")
@@ -110,7 +115,7 @@ done
 
 if [ "$SMALL" != 1 ] && [ "$(left)" -gt 90 ]; then  # the ikd trial alone, if time is left
   stamp "ikd-sweep train --method ikd (time shares)"
-  timeout "$(left)" $PY -m ikd_sweep.cli train "$WORK/pack_$FIRST.yaml" --task sst2 \
+  capped "${CAP[train]}" $PY -m ikd_sweep.cli train "$WORK/pack_$FIRST.yaml" --task sst2 \
     --method ikd --device "$DEVICE" --no-track > "$WORK/train_ikd.json" 2> "$WORK/train_ikd.err"
   echo "exit $?"; tail -n 3 "$WORK/train_ikd.err"
   FIG+=(--train "ikd=$WORK/train_ikd.json")
