@@ -94,15 +94,16 @@ YEOF
 for k in $PACKS; do sweep_file "$k"; done
 FIRST=$(echo $PACKS | cut -d' ' -f1)
 
-# The kd trial alone: where its time goes; it also fine-tunes the teacher and caches the data
-# and the kd logits, so that the sweeps below measure trials, not the first trial's set-up.
-stamp "ikd-sweep train --method kd (time shares; caches the teacher for the sweeps)"
-capped "${CAP[train]}" $PY -m ikd_sweep.cli train "$WORK/pack_$FIRST.yaml" --task sst2 --method kd \
-  --device "$DEVICE" --no-track > "$WORK/train_kd.json" 2> "$WORK/train_kd.err"
-echo "exit $?"; tail -n 3 "$WORK/train_kd.err"
-
-FIG=(--tracking-uri "sqlite:///$WORK/home/mlflow.db" --sweep-file "$WORK/pack_$FIRST.yaml"
-     --train "kd=$WORK/train_kd.json")
+FIG=(--tracking-uri "sqlite:///$WORK/home/mlflow.db" --sweep-file "$WORK/pack_$FIRST.yaml")
+if [ "$SMALL" != 1 ]; then  # (SMALL: the first sweep's first trial fine-tunes the teacher)
+  # The kd trial alone: where its time goes; it also fine-tunes the teacher and caches the data
+  # and the kd logits, so that the sweeps below measure trials, not the first trial's set-up.
+  stamp "ikd-sweep train --method kd (time shares; caches the teacher for the sweeps)"
+  capped "${CAP[train]}" $PY -m ikd_sweep.cli train "$WORK/pack_$FIRST.yaml" --task sst2 \
+    --method kd --device "$DEVICE" --no-track > "$WORK/train_kd.json" 2> "$WORK/train_kd.err"
+  echo "exit $?"; tail -n 3 "$WORK/train_kd.err"
+  FIG+=(--train "kd=$WORK/train_kd.json")
+fi
 for k in $PACKS; do
   stamp "ikd-sweep run: packing $k trials per $DEVICE device"
   grep -E "^(resources|max_concurrent)" "$WORK/pack_$k.yaml"
