@@ -181,7 +181,25 @@ class SearchConfig(_Strict):
 
 class Resources(_Strict):
     cpu: PositiveFloat = 1
+    # GPUs per trial: 0 (CPU trials), whole GPUs, or 1/n of one (n trials share a card).
     gpu: float = Field(0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _packs_whole(cls, v: float) -> float:
+        # Ray places a fractional trial on one card and never splits it across two, so a
+        # fraction that does not divide 1 leaves the rest of each card idle (0.3: three trials
+        # and 0.1 unused), and its rounding can overcommit a card (ray#5902); above 1 Ray takes
+        # whole GPUs only.
+        n = round(1 / v) if 0 < v < 1 else 0
+        if v > 1 and v != int(v) or 0 < v < 1 and abs(n * v - 1) > 1e-6:
+            raise PydanticCustomError(
+                "gpu_packing",
+                "{v} GPUs per trial: use 0, a whole number, or a fraction that divides 1 "
+                "(1, 0.5, 0.25, 0.125: 1, 2, 4, 8 trials per GPU); Ray keeps a trial on one "
+                "card, so other fractions leave part of each card idle or overcommit it "
+                "(ray#5902)", {"v": f"{v:g}"})
+        return v
 
 
 class TrackingConfig(_Strict):

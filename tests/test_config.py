@@ -580,3 +580,32 @@ def test_a_binary_file_is_named(tmp_path):
     path.write_bytes(b"name: t\n\xff\xfe\x00\x01")
     assert errors_of(path) == [f"{path}:2: not a text (UTF-8) file: byte 0xff at offset 8; a "
                                "sweep file is YAML text"]
+
+
+@pytest.mark.parametrize("gpu", ["0", "1", "2", "0.5", "0.25", "0.125"])
+def test_gpus_per_trial_pack_whole_cards(tmp_path, gpu):
+    cfg = load_sweep(write_sweep(tmp_path, append=["resources:", f"  gpu: {gpu}"]))
+    assert cfg.resources.gpu == float(gpu)
+
+
+@pytest.mark.parametrize("gpu", ["0.3", "0.6", "1.5"])
+def test_gpus_per_trial_that_do_not_divide_a_card_are_refused_with_the_reason(tmp_path, gpu):
+    path = write_sweep(tmp_path, append=["resources:", "  cpu: 1", f"  gpu: {gpu}"])  # line 27
+    (error,) = errors_of(path)
+    assert error.startswith(f"{path}:27: resources.gpu: {gpu} GPUs per trial"), error
+    assert "a fraction that divides 1 (1, 0.5, 0.25, 0.125" in error and "ray#5902" in error
+
+
+def test_validate_accepts_a_quarter_gpu_and_refuses_0_3(tmp_path):
+    from typer.testing import CliRunner
+
+    from ikd_sweep.cli import app
+
+    runner = CliRunner()
+    good = write_sweep(tmp_path, append=["resources: {cpu: 1, gpu: 0.25}"], name="good.yaml")
+    result = runner.invoke(app, ["validate", str(good)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    bad = write_sweep(tmp_path, append=["resources: {cpu: 1, gpu: 0.3}"], name="bad.yaml")
+    result = runner.invoke(app, ["validate", str(bad)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert f"{bad}:25: resources.gpu: 0.3 GPUs per trial" in " ".join(result.output.split())

@@ -256,7 +256,8 @@ def test_logit_cache_trains_the_same_student_as_a_live_teacher(home):
         results.append(fit(settings, data.task, data, student, device=device, **source))
         students.append(student)
     cached, live = students
-    assert results[0] == results[1]
+    timeless = [{k: v for k, v in r.items() if not k.startswith("sys/")} for r in results]
+    assert timeless[0] == timeless[1]  # wall-clock measurements (sys/*) aside
     assert results[0]["steps"] == 12
     for (name, a), (_, b) in zip(cached.named_parameters(), live.named_parameters(),
                                  strict=True):
