@@ -7,6 +7,7 @@
 #
 #   benchmarks/gpu_sweep_check.sh [GLUE_DIR]    # GLUE_DIR (or $GLUE_DIR, default .glue): SST-2/
 #   SMALL=1 DEVICE=cpu benchmarks/gpu_sweep_check.sh ../shared/data/glue   # CPU smoke (minutes)
+#   ROWS=4000 PACKS="1 4" DEADLINE=230 CAP_1=120 CAP_4=80 benchmarks/gpu_sweep_check.sh .glue  # shorter
 #
 # If .whl/ exists at the repo root (benchmarks/make_gpu_wheels.sh: Ray without its Java jar,
 # MLflow's tracking client and SQLite store, pydantic, datasets and the small pieces the GPU
@@ -57,9 +58,9 @@ if [ "$SMALL" = 1 ]; then
   PACKS=${PACKS:-"1 2"}; TEMPS="[2]"; LR=1.0e-3
   declare -A CAP=([train]=3600 [1]=3600 [2]=3600)
 else
-  HIDDEN=768; HEADS=12; TL=12; SL=6; VOCAB=8000; ROWS=16000; EVAL=872; LEN=128; EPOCHS=1
+  HIDDEN=768; HEADS=12; TL=12; SL=6; VOCAB=8000; ROWS=${ROWS:-16000}; EVAL=872; LEN=128; EPOCHS=1
   PACKS=${PACKS:-"1 2 4"}; TEMPS="[2, 4]"; LR=1.0e-4
-  declare -A CAP=([train]=100 [1]=150 [2]=110 [4]=100)  # seconds per step, in DEADLINE
+  declare -A CAP=([train]=${CAP_TRAIN:-100} [1]=${CAP_1:-150} [2]=${CAP_2:-110} [4]=${CAP_4:-100})  # s per step, in DEADLINE
 fi
 CORES=$($PY -c "import os; print(len(os.sched_getaffinity(0)))")  # nproc obeys OMP_NUM_THREADS
 
