@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from test_sweep import ROOT, env_for, run_cli, runs_of, start_cli, store, sweep_file
+from helpers import ROOT, cli_env, end_to_end, run_cli, runs_of, start_cli, store, sweep_file
 
 
 def statuses(home: Path, sweep: str) -> tuple[list[str], dict[str, tuple[str, int]]]:
@@ -23,6 +23,7 @@ def statuses(home: Path, sweep: str) -> tuple[list[str], dict[str, tuple[str, in
             {c.data.tags["ikd.trial_id"]: (c.info.status, c.info.end_time) for c in children})
 
 
+@end_to_end
 def test_early_failure_rerun_retries_it_and_a_broken_tune_state_is_set_aside(tmp_path):
     # lr 1e30: the loss is NaN by the first logging step, before any evaluation.
     home = tmp_path / "home"
@@ -33,6 +34,8 @@ def test_early_failure_rerun_retries_it_and_a_broken_tune_state_is_set_aside(tmp
     assert "FAILED wnli-finetune-s1: NonFiniteLoss: non-finite loss" in first.stdout
     parents, trials = statuses(home, "early")
     assert parents == ["FAILED"] and trials["wnli-finetune-s1"][0] == "FAILED"
+    (failed,) = runs_of(home, "early")[1]
+    assert "non-finite loss" in failed.data.tags["ikd.error"]  # the cause, on the run
 
     # What a full disk leaves: a 0-byte error.pkl in the Tune folder.
     (pkl,) = (home / "ray" / "early").glob("wnli/*/error.pkl")
@@ -69,13 +72,14 @@ os.replace = _full
 """
 
 
+@end_to_end
 def test_teacher_failure_on_a_full_disk_then_rerun_runs_its_kd_trials(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FULL_DISK)  # every process, Ray's workers too
-    env = {**env_for(home), "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
+    env = {**cli_env(home), "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
     sweep = sweep_file(tmp_path, "full", tasks=["wnli"], methods=["finetune", "kd"],
                        search={"temperature": [1, 2], "seeds": [1]})
     (home / "FULL").write_text("")
@@ -110,6 +114,7 @@ def test_teacher_failure_on_a_full_disk_then_rerun_runs_its_kd_trials(tmp_path):
     assert len(list(teachers.glob("*/DONE"))) == 1
 
 
+@end_to_end
 def test_impossible_resources_exit_2_at_once_and_touch_nothing(tmp_path):
     home = tmp_path / "home"
     cases = [("cpu", {"cpu": 1000}, "resources.cpu: 1000 requested per trial; the cluster has")]
@@ -132,6 +137,7 @@ def test_impossible_resources_exit_2_at_once_and_touch_nothing(tmp_path):
     assert store(home).get_experiment_by_name("too-big-cpu") is None
 
 
+@end_to_end
 def test_a_second_run_of_the_same_sweep_is_refused_and_the_first_finishes(tmp_path):
     home, log = tmp_path / "home", tmp_path / "first.log"
     sweep = sweep_file(tmp_path, "once", tasks=["wnli"], methods=["finetune"],
