@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import ROOT, cli_env, end_to_end, run_cli, runs_of, start_cli, store, sweep_file
+from helpers import ROOT, cli_env, end_to_end, merge, run_cli, runs_of, start_cli, store, sweep_file
 
 
 def statuses(home: Path, sweep: str) -> tuple[list[str], dict[str, tuple[str, int]]]:
@@ -138,11 +138,16 @@ def test_impossible_resources_exit_2_at_once_and_touch_nothing(tmp_path):
 
 
 @end_to_end
-def test_a_second_run_of_the_same_sweep_is_refused_and_the_first_finishes(tmp_path):
-    home, log = tmp_path / "home", tmp_path / "first.log"
-    sweep = sweep_file(tmp_path, "once", tasks=["wnli"], methods=["finetune"],
-                       search={"temperature": [1], "seeds": [1, 2]})
-    first = start_cli(["run", str(sweep)], home, log)
+def test_two_sweeps_start_at_once_and_a_second_run_of_one_is_refused(tmp_path):
+    """Two sweeps started at the same moment into a fresh store both finish; a second run of
+    one of them, while it runs, is refused and names the first."""
+    home = tmp_path / "home"
+    over = {"tasks": ["wnli"], "methods": ["finetune"], "search": {"temperature": [1]}}
+    once = sweep_file(tmp_path, "once", **merge(over, {"search": {"seeds": [1, 2]}}))
+    other = sweep_file(tmp_path, "other", **over)
+    log, other_log = tmp_path / "first.log", tmp_path / "other.log"
+    first = start_cli(["run", str(once)], home, log)
+    second_sweep = start_cli(["run", str(other)], home, other_log)
     try:
         lock = home / "locks" / "once.lock"
         deadline = time.monotonic() + 300
@@ -154,20 +159,24 @@ def test_a_second_run_of_the_same_sweep_is_refused_and_the_first_finishes(tmp_pa
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
-        second = run_cli(["run", str(sweep)], home, timeout=120)
+        second = run_cli(["run", str(once)], home, timeout=120)
         text = " ".join((second.stdout + second.stderr).split())
         assert second.returncode == 2, text
         assert f"sweep once is already running in {home} (pid {first.pid} on " in text, text
         assert "wait for it or stop it" in text and "Traceback" not in text, text
         rc = first.wait(timeout=600)
         assert rc == 0, log.read_text(errors="replace")[-5000:]
+        rc = second_sweep.wait(timeout=600)
+        assert rc == 0, other_log.read_text(errors="replace")[-5000:]
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    parents, trials = statuses(home, "once")
-    assert parents == ["FINISHED"] and len(trials) == 2
-    assert all(s == "FINISHED" for s, _ in trials.values())
+        for proc in (first, second_sweep):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for name, n in (("once", 2), ("other", 1)):
+        parents, trials = statuses(home, name)
+        assert parents == ["FINISHED"] and len(trials) == n
+        assert all(s == "FINISHED" for s, _ in trials.values())
 
 
 def test_errors_are_plain_text_with_the_root_cause_first():
