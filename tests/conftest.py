@@ -10,7 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import CLI, GLUE, ROOT, cli_env, run_cli, runs_of, sweep_file
+from helpers import (
+    CLI,
+    GLUE,
+    ROOT,
+    SHARED,
+    SHARED_OVER,
+    cli_env,
+    run_cli,
+    runs_of,
+    sweep_file,
+)
 
 
 @pytest.fixture(scope="session")
@@ -28,16 +38,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.mkdir()
     monkeypatch.setenv("IKD_SWEEP_HOME", str(path))
     return path
-
-
-# The shared sweep: two tasks (one of them the regression task STS-B), all three methods, two
-# kd/ikd settings on search seed 1, then the selected settings on confirmation seed 2.
-SHARED = "shared"
-# A log line every 4 steps, an evaluation every 2: Tune's own logs of the reports stay small
-# (test_export.py weighs the disk), and every logged or evaluated step reaches the store.
-SHARED_OVER = {"tasks": ["rte", "stsb"], "train": {"log_every": 4, "eval_every": 2},
-               "search": {"temperature": [1, 4], "seeds": [1], "confirm_seeds": [2]}}
-SHARED_TRIALS = {"search": 10, "confirm": 6}  # per task: finetune + kd x 2 + ikd x 2; 3 confirm
 
 
 @dataclass

@@ -37,6 +37,17 @@ def end_to_end(test):
     return pytest.mark.slow(needs_glue(test))
 
 
+# The shared sweep: two tasks (one of them the regression task STS-B), all three methods, two
+# kd/ikd settings on search seed 1, then the selected settings on confirmation seed 2.
+SHARED = "shared"
+# A log line every 4 steps, an evaluation every 2: Tune's own logs of the reports stay small
+# (test_export.py weighs the disk), and every logged or evaluated step reaches the store.
+SHARED_OVER = {"tasks": ["rte", "stsb"], "train": {"log_every": 4, "eval_every": 2},
+               "search": {"temperature": [1, 4], "seeds": [1], "confirm_seeds": [2]}}
+SHARED_TRIALS = {"search": 10, "confirm": 6}  # per task: finetune + kd x 2 + ikd x 2; 3 confirm
+
+
+
 def merge(base: dict, over: dict) -> dict:
     """`base` with `over` laid on it, nested mappings merged key by key."""
     out = copy.deepcopy(base)

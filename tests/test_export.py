@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import SHARED as SWEEP
-from conftest import SHARED_TRIALS
-from helpers import end_to_end, run_cli, runs_of, store, sweep_file
+from helpers import SHARED as SWEEP
+from helpers import SHARED_TRIALS, end_to_end, run_cli, runs_of, store, sweep_file
 
 
 def _bytes(paths) -> int:

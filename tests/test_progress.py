@@ -7,8 +7,7 @@ import io
 from types import SimpleNamespace
 
 import pytest
-from conftest import SHARED_TRIALS
-from helpers import end_to_end, migrated_store, runs_of
+from helpers import SHARED_TRIALS, end_to_end, migrated_store, runs_of
 from rich.console import Console
 from typer.testing import CliRunner
 

@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_TRIALS
 from helpers import (
+    SHARED_TRIALS,
     free_port,
     needs_glue,
     run_cli,
