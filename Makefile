@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint demo report ui clean
+.PHONY: setup test test-fast lint demo report ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/pytest -q --durations=10
+
+# Everything but the end-to-end sweeps and fault injections (marked `slow`): for quick edits.
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" --durations=10
 
 demo: setup
 	$(BIN)/ikd-sweep run sweeps/demo.yaml

@@ -8,48 +8,39 @@ the real CLI's); the cases marked `sub` run the real CLI in a subprocess.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CLI, GLUE, cli_env, needs_glue
+from helpers import sweep_raw as tiny_sweep
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from ikd_sweep.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
-GLUE = ROOT.parent / "shared" / "data" / "glue"
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64}
 SWEEP = "bad-inputs"
 
-pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason="needs ../shared/data/glue")
+pytestmark = needs_glue
 
 
 def sweep_raw(glue_dir: Path = GLUE) -> dict:
-    return {
-        "name": SWEEP, "tasks": ["rte"], "methods": ["finetune", "kd", "ikd"],
-        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "max_length": 32,
-                 "max_train_samples": 64, "max_eval_samples": 32},
-        "teacher": {"model": "minilm", "init": "random", "config": TINY, "epochs": 1,
-                    "lr": 1e-3, "batch_size": 16},
-        "student": {"model": "minilm", "init": "random", "config": TINY},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_every": 2, "log_every": 1},
-        "search": {"temperature": [1], "exam_every": [2], "teacher_lr": [1e-4], "seeds": [1]},
-        "max_failures": 0,
-    }
+    # resources: the sweep's default (one CPU per trial), not the tiny sweep's explicit one.
+    raw = tiny_sweep(SWEEP, tasks=["rte"], data={"glue_dir": str(glue_dir)},
+                     search={"temperature": [1]})
+    del raw["resources"]
+    return raw
 
 
 def write_sweep(folder: Path, name: str, text: str | None = None, glue_dir: Path = GLUE,
                 **dotted) -> Path:
-    """A sweep file: the tiny base with `section__key=value` overrides, or raw `text`."""
+    """A sweep file: the tiny base with `section__key=value` overrides (a whole section
+    replaced by `section=value`), or raw `text`."""
     raw = sweep_raw(glue_dir)
     for key, value in dotted.items():
         section, _, sub = key.partition("__")
@@ -264,14 +255,6 @@ def _binary(e: Env) -> Path:
     return path
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {**os.environ, "IKD_SWEEP_HOME": str(home), "COLUMNS": "200",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("IKD_SWEEP_DEBUG", None)
-    return env
-
-
 def _snapshot(home: Path) -> tuple[int, dict]:
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -302,9 +285,9 @@ def test_bad_input_is_one_clear_error(case: Case, finished: Env, tmp_path: Path,
     e = Env(tmp_path, finished.home, finished.base)
     try:
         args = case.make(e)
-        env = {**_env(finished.home), **case.env}
+        env = cli_env(finished.home, **case.env)
         if case.sub:
-            p = subprocess.run([sys.executable, "-m", "ikd_sweep.cli", *args], env=env,
+            p = subprocess.run([*CLI, *args], env=env,
                                capture_output=True, text=True, cwd=tmp_path, timeout=300)
             code, out = p.returncode, p.stdout + p.stderr
         else:
@@ -338,8 +321,8 @@ def test_debug_shows_the_traceback(finished: Env, tmp_path: Path):
                       (["validate", str(bad)], {"IKD_SWEEP_DEBUG": "1"})):
         result = CliRunner().invoke(app, args, env=env)
         assert type(result.exception).__name__ == "ConfigError"  # raised, not turned into Exit
-    p = subprocess.run([sys.executable, "-m", "ikd_sweep.cli", "--debug", "validate", str(bad)],
-                       env=_env(finished.home), capture_output=True, text=True, timeout=300)
+    p = subprocess.run([*CLI, "--debug", "validate", str(bad)],
+                       env=cli_env(finished.home), capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "Traceback" in p.stderr and "train.lr" in p.stderr
 
 

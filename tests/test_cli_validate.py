@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import ROOT
 from typer.testing import CliRunner
 
 from ikd_sweep.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -24,14 +22,14 @@ def flat(text: str) -> str:
 
 @pytest.mark.parametrize("sweep,trials", [("glue.yaml", 984), ("demo.yaml", 5)])
 def test_shipped_sweeps_validate(sweep, trials):
-    path = REPO / "sweeps" / sweep
+    path = ROOT / "sweeps" / sweep
     result = validate(path)
     assert result.exit_code == 0, result.output
     assert f"{path}: valid, {trials} trials" in flat(result.stdout)
 
 
 def test_glue_sweep_breakdown():
-    result = validate(REPO / "sweeps" / "glue.yaml")
+    result = validate(ROOT / "sweeps" / "glue.yaml")
     out = result.stdout
     # 8 tasks x 3 seeds: finetune 1 point, kd 4 temperatures, ikd 4 x 3 x 3 points.
     assert out.count("finetune") == 8
@@ -42,7 +40,7 @@ def test_glue_sweep_breakdown():
 
 
 def test_set_override_changes_the_count():
-    path = REPO / "sweeps" / "demo.yaml"
+    path = ROOT / "sweeps" / "demo.yaml"
     result = validate(path, "--set", "search.seeds=[1]", "--set", "search.temperature=[1, 2, 4]")
     assert result.exit_code == 0, result.output
     # 1 seed x (1 + 3 + 3*1*1)
@@ -50,7 +48,7 @@ def test_set_override_changes_the_count():
 
 
 def test_bad_override_exits_2():
-    path = REPO / "sweeps" / "demo.yaml"
+    path = ROOT / "sweeps" / "demo.yaml"
     result = validate(path, "--set", "train.lr=0")
     assert result.exit_code == 2
     assert "train.lr" in result.output and "greater than 0" in result.output

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import GLUE
 
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
@@ -24,9 +24,9 @@ from ikd_sweep.models import load_tokenizer
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
 
-GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-pytestmark = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(),
-                                reason=f"GLUE SST-2 not found at {GLUE}")
+# Real models on real data: minutes on a CPU.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(),
+                                                   reason=f"GLUE SST-2 not found at {GLUE}")]
 CPU = "cpu"
 MARGIN = 0.10  # over the majority-class accuracy; measured margins are ~0.26 (student)
 

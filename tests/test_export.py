@@ -1,7 +1,8 @@
 """The selected student of each finished trial: kept, logged once, exported, registered.
 
-One tiny sweep (2 layers, hidden 32, RTE, finetune + kd, 1 seed) run by the CLI, as a user
-would, is shared by the module: disk use after it, then `ikd-sweep export` (+ `--register`).
+The session's finished sweep (`finished_sweep` in conftest.py: tiny models, RTE and STS-B, a
+search seed and a confirmation seed, run by the CLI as a user would): disk use after it, then
+`ikd-sweep export` (+ `--register`) of a selected student, which is a confirmation run's.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from test_sweep import run_cli, runs_of, store, sweep_file
-
-SWEEP = "exported"
+from helpers import SHARED as SWEEP
+from helpers import SHARED_TRIALS, end_to_end, run_cli, runs_of, store, sweep_file
 
 
 def _bytes(paths) -> int:
@@ -20,19 +20,12 @@ def _bytes(paths) -> int:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, glue_dir) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("export")
-    home = tmp / "home"
-    sweep = sweep_file(tmp, SWEEP, tasks=["rte"], methods=["finetune", "kd"],
-                       search={"temperature": [2], "seeds": [1]},
-                       # a log line every 4 steps: Tune's own logs of the reports stay small
-                       train={"log_every": 4})
-    p = run_cli(["run", str(sweep)], home)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "finished 2, failed 0" in p.stdout
-    return tmp, home
+def swept(finished_sweep) -> tuple[Path, Path]:
+    """The finished sweep's scratch folder (holding its sweep file) and working folder."""
+    return finished_sweep.tmp, finished_sweep.home
 
 
+@end_to_end
 def test_finished_trials_keep_only_their_student_on_disk(swept):
     """Per finished trial: at most 1.2x its student's model.safetensors on disk.
 
@@ -44,7 +37,8 @@ def test_finished_trials_keep_only_their_student_on_disk(swept):
     """
     _, home = swept
     _, children = runs_of(home, SWEEP)
-    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert len(children) == sum(SHARED_TRIALS.values())
+    assert {c.info.status for c in children} == {"FINISHED"}
     files = [p for p in home.rglob("*") if p.is_file()]
     shared = {p for p in files if p.relative_to(home).parts[0] == "cache"
               or p.name.startswith("mlflow.db")}
@@ -70,6 +64,7 @@ def test_finished_trials_keep_only_their_student_on_disk(swept):
     assert not [p for p in files if p.name == "state.pt"]
 
 
+@end_to_end
 def test_export_gives_a_loadable_student_with_the_recorded_dev_score(swept, glue_dir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -84,10 +79,12 @@ def test_export_gives_a_loadable_student_with_the_recorded_dev_score(swept, glue
     p = run_cli(["export", "--sweep", SWEEP, "--task", "rte", "--method", "kd", "--out",
                  str(out), "--register", "rte-kd"], home)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "seed 1, chosen by the best sel/val_main of seeds 1" in p.stdout
+    # The report's runs of the selected setting are its confirmation runs (seed 2).
+    assert "seed 2, chosen by the best sel/val_main of seeds 2" in p.stdout
     assert "registered rte-kd version 1" in p.stdout
     _, children = runs_of(home, SWEEP)
-    run = next(c for c in children if c.data.tags["ikd.method"] == "kd")
+    run = next(c for c in children if c.data.tags["ikd.method"] == "kd"
+               and c.data.params["task"] == "rte" and c.data.tags["ikd.phase"] == "confirm")
     assert run.data.tags["ikd.trial_id"] in p.stdout
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
@@ -95,24 +92,25 @@ def test_export_gives_a_loadable_student_with_the_recorded_dev_score(swept, glue
     cfg = load_sweep(tmp / f"{SWEEP}.yaml")
     # The dev rows the trial evaluated: the project's own data preparation and evaluation.
     data = prepare_data("rte", cfg.data, tokenizer, home / "cache" / "data",
-                        trial_seed(cfg, 1), method="kd")
+                        trial_seed(cfg, 2), method="kd")
     got = evaluate(model, data.dev, data.task, torch.device("cpu"),
                    cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)["main"]
     recorded = run.data.metrics["sel/dev_main"]
     print(f"\nexported kd student: dev main {got:.6f}, recorded sel/dev_main {recorded:.6f}")
     assert abs(got - recorded) <= 1e-4
     card = (out / "README.md").read_text()
-    assert "| sweep | exported |" in card and "| method | kd |" in card
+    assert f"| sweep | {SWEEP} |" in card and "| method | kd |" in card
 
     versions = store(home).search_model_versions("name = 'rte-kd'")
     assert [(int(v.version), v.run_id) for v in versions] == [(1, run.info.run_id)]
 
 
+@end_to_end
 @pytest.mark.parametrize(("args", "message"), [
-    (["--sweep", "nope", "--task", "rte", "--method", "kd"], "known sweeps: exported"),
-    (["--sweep", SWEEP, "--task", "sst2", "--method", "kd"], "choose from: rte"),
-    (["--sweep", SWEEP, "--task", "rte", "--method", "ikd"], "choose from: finetune, kd"),
-    (["--sweep", SWEEP, "--task", "rte", "--method", "kd", "--seed", "9"], "choose from: 1"),
+    (["--sweep", "nope", "--task", "rte", "--method", "kd"], f"known sweeps: {SWEEP}"),
+    (["--sweep", SWEEP, "--task", "sst2", "--method", "kd"], "choose from: rte, stsb"),
+    (["--sweep", SWEEP, "--task", "rte", "--method", "distil"], "choose from: finetune, ikd, kd"),
+    (["--sweep", SWEEP, "--task", "rte", "--method", "kd", "--seed", "1"], "choose from: 2"),
 ])
 def test_export_names_the_valid_values_of_a_bad_option(swept, args, message):
     from typer.testing import CliRunner
@@ -128,18 +126,18 @@ def test_export_names_the_valid_values_of_a_bad_option(swept, args, message):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_train_keeps_the_student_and_drops_the_resumable_state(swept):
+def test_train_keeps_the_student_and_drops_the_resumable_state(tmp_path, glue_dir):
     """`ikd-sweep train` (no Ray): the student stays in its trial folder, is logged to the
     trial's run, and the resumable checkpoint is gone once the trial has finished."""
     from typer.testing import CliRunner
 
     from ikd_sweep.cli import app
 
-    tmp, home = swept
-    home2 = tmp / "train-home"
-    result = CliRunner().invoke(app, ["train", str(tmp / f"{SWEEP}.yaml"), "--task", "rte",
+    home2 = tmp_path / "train-home"
+    path = sweep_file(tmp_path, SWEEP, tasks=["rte"])
+    result = CliRunner().invoke(app, ["train", str(path), "--task", "rte",
                                       "--method", "finetune", "--home", str(home2),
-                                      "--device", "cpu"])
+                                      "--device", "cpu"], env={"MLFLOW_TRACKING_URI": None})
     assert result.exit_code == 0, result.output
     (trial_dir,) = (home2 / "single" / SWEEP).iterdir()
     assert (trial_dir / "student" / "model.safetensors").is_file()

@@ -1,7 +1,8 @@
 """`search.algorithm: optuna`: Optuna's searcher proposes the settings, every one runs on every
 seed, the searcher learns their mean selection score, and a re-run resumes instead of redoing.
 
-One real sweep (local Ray, SQLite MLflow, tiny models, 64 GLUE rows) serves every assertion.
+One real sweep (local Ray, SQLite MLflow, tiny models, 64 GLUE rows) serves every assertion on
+what a run does; the searcher chain and the config rules are also checked without Ray.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from test_sweep import GLUE, run_cli, runs_of, sweep_file
+from helpers import end_to_end, run_cli, runs_of, sweep_file
+from typer.testing import CliRunner
 
-pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason="needs ../shared/data/glue")
+from ikd_sweep.cli import app
 
 SEARCH = {"algorithm": "optuna", "num_samples": 2, "seeds": [1, 2], "temperature": [1, 4]}
 
@@ -23,22 +25,22 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("optuna")
     home = tmp / "home"
     path = sweep_file(tmp, "opt", tasks=["rte"], methods=["kd"], search=SEARCH)
-    validate = run_cli(["validate", str(path)], home)
     first = run_cli(["run", str(path)], home)
     _, children = runs_of(home, "opt")
     before = {r.info.run_id: r.info.end_time for r in children}
     again = run_cli(["run", str(path)], home)
-    return {"home": home, "validate": validate, "first": first, "again": again,
-            "before": before}
+    return {"home": home, "first": first, "again": again, "before": before}
 
 
-def test_validate_says_the_settings_are_chosen_during_the_run(sweep):
-    out = sweep["validate"]
-    assert out.returncode == 0, out.stderr
+def test_validate_says_the_settings_are_chosen_during_the_run(tmp_path: Path):
+    path = sweep_file(tmp_path, "opt", tasks=["rte"], methods=["kd"], search=SEARCH)
+    out = CliRunner().invoke(app, ["validate", str(path)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
     assert "optuna: 2 settings x 2 seeds per (task, method), chosen during the run" in out.stdout
     assert "valid, 4 trials" in out.stdout
 
 
+@end_to_end
 def test_two_settings_each_on_both_seeds(sweep):
     assert sweep["first"].returncode == 0, sweep["first"].stderr[-3000:]
     parents, children = runs_of(sweep["home"], "opt")
@@ -55,6 +57,7 @@ def test_two_settings_each_on_both_seeds(sweep):
     assert all(1 <= float(t) <= 4 for t in seeds)
 
 
+@end_to_end
 def test_searcher_learned_the_mean_over_seeds(sweep):
     """Optuna's study holds one completed trial per setting, valued at the mean sel/val_main
     of its two seeds (selection data; dev is never the objective)."""
@@ -70,6 +73,7 @@ def test_searcher_learned_the_mean_over_seeds(sweep):
     assert seen == pytest.approx(means, abs=1e-9)
 
 
+@end_to_end
 def test_rerun_creates_and_reruns_nothing(sweep):
     assert sweep["again"].returncode == 0, sweep["again"].stderr[-3000:]
     parents, children = runs_of(sweep["home"], "opt")
@@ -82,10 +86,10 @@ def test_rerun_creates_and_reruns_nothing(sweep):
 def test_optuna_with_asha_is_a_config_error(tmp_path: Path):
     path = sweep_file(tmp_path, "opt-asha", tasks=["rte"], methods=["kd"],
                       search={**SEARCH, "scheduler": "asha"})
-    out = run_cli(["validate", str(path)], tmp_path / "home")
-    assert out.returncode == 2
+    out = CliRunner().invoke(app, ["validate", str(path)], env={"COLUMNS": "200"})
+    assert out.exit_code == 2
     assert "search.scheduler" in out.stderr and "optuna" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.output
 
 
 def _config(**search):

@@ -1,30 +1,19 @@
-"""Watching a sweep: the live view's lines, `ikd-sweep status` from the store, the run metadata
-every MLflow run carries, and the `train` bar's total."""
+"""Watching a sweep: the live view's lines and `ikd-sweep status` from the store. (The run
+metadata every MLflow run carries and the `train` bar's total: test_tracking.py.)"""
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
-from helpers import migrated_store
-from mlflow import MlflowClient
+from helpers import SHARED_TRIALS, end_to_end, migrated_store, runs_of
 from rich.console import Console
 from typer.testing import CliRunner
 
 from ikd_sweep.cli import app
 from ikd_sweep.progress import SweepView, estimate_eta
 from ikd_sweep.tracking import TAG, SweepTracker
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64}
 
 
 def _trial(trial_id: str, task: str, method: str) -> dict:
@@ -117,69 +106,26 @@ def test_eta_uses_finished_durations_and_concurrency():
     assert estimate_eta([80.0, 120.0], [40.0], 2, 2) == pytest.approx(130.0)
 
 
-def test_train_shows_its_total_and_tags_runs_with_code_and_device(tmp_path: Path, glue_dir):
-    cfg = {
-        "name": "tagged", "tasks": ["wnli"], "methods": ["finetune"],
-        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "max_length": 32,
-                 "max_train_samples": 64, "max_eval_samples": 32},
-        "teacher": {"model": "minilm", "init": "random", "config": TINY},
-        "student": {"model": "minilm", "init": "random", "config": TINY},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_every": 2, "log_every": 1},
-        "search": {"temperature": [2], "seeds": [1]},
-    }
-    (tmp_path / "tagged.yaml").write_text(yaml.safe_dump(cfg))
-    home = tmp_path / "home"
-    env = {**os.environ, "IKD_SWEEP_HOME": str(home), "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # Launched outside the checkout: the commit is the package's, not the working folder's.
-    p = subprocess.run([sys.executable, "-m", "ikd_sweep.cli", "train", "tagged.yaml",
-                        "--task", "wnli", "--method", "finetune", "--device", "cpu"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
-    steps = json.loads(p.stdout)["steps"]
-    assert f"{steps}/{steps}" in p.stderr  # the bar knew its total
-
-    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
-    exp = client.get_experiment_by_name("tagged")
-    assert exp.tags[TAG.EXPERIMENT_KIND] == "custom_model_development"
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 2  # the `tagged-train` parent and the trial
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    for r in runs:
-        tags = r.data.tags
-        assert tags["mlflow.source.git.commit"] == tags[TAG.GIT] == sha
-        assert tags[TAG.GIT_DIRTY] in ("true", "false")
-        assert tags["mlflow.source.type"] == "LOCAL"
-        assert tags["mlflow.source.name"] == "ikd-sweep train"
-        assert tags["mlflow.user"]
-        for lib in ("torch", "transformers", "ray", "mlflow"):
-            assert tags[f"ikd.lib.{lib}"][0].isdigit()
-    (child,) = [r for r in runs if r.data.tags.get(TAG.ROLE) == "trial"]
-    assert child.data.tags[TAG.DEVICE] == "cpu" and child.data.tags[TAG.GPU] == "none"
-
-
-def test_a_sweep_prints_the_view_not_ray_and_status_reads_it_back(tmp_path, monkeypatch):
-    from test_sweep import run_cli, runs_of, sweep_file
-
-    home = tmp_path / "home"
-    sweep = sweep_file(tmp_path, "quiet", tasks=["wnli"], methods=["finetune"])
-    p = run_cli(["run", str(sweep)], home)
-    assert p.returncode == 0, p.stdout + p.stderr
+@end_to_end
+def test_a_sweep_prints_the_view_not_ray_and_status_reads_it_back(finished_sweep, monkeypatch):
+    p, name = finished_sweep.run, finished_sweep.name
+    n = sum(SHARED_TRIALS.values())
     out = p.stdout + p.stderr
-    assert "quiet: 1/1 done, 0 running, 0 failed, 0 stopped, 0 pending" in p.stderr
-    assert "new best wnli/finetune" in p.stderr
+    assert f"{name}: {n}/{n} done, 0 running, 0 failed, 0 stopped, 0 pending" in p.stderr
+    assert "new best rte/finetune" in p.stderr and "new best stsb/ikd" in p.stderr
     # Ray's own chatter is off: no trial tables, config boxes, checkpoint lines, hints, ANSI.
     for noise in ("Trial status", "Checkpoint successfully created", "TensorBoard",
                   "Configuration for experiment", "\x1b["):
         assert noise not in out, noise
-    assert len(out.splitlines()) < 40, out  # 223 lines for 5 trials before issue 12
-    _, (child,) = runs_of(home, "quiet")
-    assert child.data.tags[TAG.DEVICE] == "cpu"  # the worker's report, tagged by the driver
+    # 223 lines for 5 trials before issue 12: now the view's lines and the summary
+    assert len(out.splitlines()) < 8 * n, out
+    _, children = runs_of(finished_sweep.home, name)
+    assert {c.data.tags[TAG.DEVICE] for c in children} == {"cpu"}  # the workers' reports,
+    # tagged by the driver
 
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    status = CliRunner().invoke(app, ["status", "--home", str(home)])
+    status = CliRunner().invoke(app, ["status", "--home", str(finished_sweep.home)])
     assert status.exit_code == 0, status.output
-    assert "quiet [FINISHED]: 1/1 done, 0 running, 0 failed, 0 stopped, 0 pending" in \
+    assert f"{name} [FINISHED]: {n}/{n} done, 0 running, 0 failed, 0 stopped, 0 pending" in \
         status.output

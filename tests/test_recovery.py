@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from test_sweep import ROOT, env_for, run_cli, runs_of, start_cli, store, sweep_file
+from helpers import ROOT, cli_env, end_to_end, merge, run_cli, runs_of, start_cli, store, sweep_file
 
 
 def statuses(home: Path, sweep: str) -> tuple[list[str], dict[str, tuple[str, int]]]:
@@ -23,6 +23,7 @@ def statuses(home: Path, sweep: str) -> tuple[list[str], dict[str, tuple[str, in
             {c.data.tags["ikd.trial_id"]: (c.info.status, c.info.end_time) for c in children})
 
 
+@end_to_end
 def test_early_failure_rerun_retries_it_and_a_broken_tune_state_is_set_aside(tmp_path):
     # lr 1e30: the loss is NaN by the first logging step, before any evaluation.
     home = tmp_path / "home"
@@ -33,6 +34,8 @@ def test_early_failure_rerun_retries_it_and_a_broken_tune_state_is_set_aside(tmp
     assert "FAILED wnli-finetune-s1: NonFiniteLoss: non-finite loss" in first.stdout
     parents, trials = statuses(home, "early")
     assert parents == ["FAILED"] and trials["wnli-finetune-s1"][0] == "FAILED"
+    (failed,) = runs_of(home, "early")[1]
+    assert "non-finite loss" in failed.data.tags["ikd.error"]  # the cause, on the run
 
     # What a full disk leaves: a 0-byte error.pkl in the Tune folder.
     (pkl,) = (home / "ray" / "early").glob("wnli/*/error.pkl")
@@ -69,13 +72,14 @@ os.replace = _full
 """
 
 
+@end_to_end
 def test_teacher_failure_on_a_full_disk_then_rerun_runs_its_kd_trials(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FULL_DISK)  # every process, Ray's workers too
-    env = {**env_for(home), "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
+    env = {**cli_env(home), "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
     sweep = sweep_file(tmp_path, "full", tasks=["wnli"], methods=["finetune", "kd"],
                        search={"temperature": [1, 2], "seeds": [1]})
     (home / "FULL").write_text("")
@@ -110,6 +114,7 @@ def test_teacher_failure_on_a_full_disk_then_rerun_runs_its_kd_trials(tmp_path):
     assert len(list(teachers.glob("*/DONE"))) == 1
 
 
+@end_to_end
 def test_impossible_resources_exit_2_at_once_and_touch_nothing(tmp_path):
     home = tmp_path / "home"
     cases = [("cpu", {"cpu": 1000}, "resources.cpu: 1000 requested per trial; the cluster has")]
@@ -132,11 +137,17 @@ def test_impossible_resources_exit_2_at_once_and_touch_nothing(tmp_path):
     assert store(home).get_experiment_by_name("too-big-cpu") is None
 
 
-def test_a_second_run_of_the_same_sweep_is_refused_and_the_first_finishes(tmp_path):
-    home, log = tmp_path / "home", tmp_path / "first.log"
-    sweep = sweep_file(tmp_path, "once", tasks=["wnli"], methods=["finetune"],
-                       search={"temperature": [1], "seeds": [1, 2]})
-    first = start_cli(["run", str(sweep)], home, log)
+@end_to_end
+def test_two_sweeps_start_at_once_and_a_second_run_of_one_is_refused(tmp_path):
+    """Two sweeps started at the same moment into a fresh store both finish; a second run of
+    one of them, while it runs, is refused and names the first."""
+    home = tmp_path / "home"
+    over = {"tasks": ["wnli"], "methods": ["finetune"], "search": {"temperature": [1]}}
+    once = sweep_file(tmp_path, "once", **merge(over, {"search": {"seeds": [1, 2]}}))
+    other = sweep_file(tmp_path, "other", **over)
+    log, other_log = tmp_path / "first.log", tmp_path / "other.log"
+    first = start_cli(["run", str(once)], home, log)
+    second_sweep = start_cli(["run", str(other)], home, other_log)
     try:
         lock = home / "locks" / "once.lock"
         deadline = time.monotonic() + 300
@@ -148,20 +159,24 @@ def test_a_second_run_of_the_same_sweep_is_refused_and_the_first_finishes(tmp_pa
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
-        second = run_cli(["run", str(sweep)], home, timeout=120)
+        second = run_cli(["run", str(once)], home, timeout=120)
         text = " ".join((second.stdout + second.stderr).split())
         assert second.returncode == 2, text
         assert f"sweep once is already running in {home} (pid {first.pid} on " in text, text
         assert "wait for it or stop it" in text and "Traceback" not in text, text
         rc = first.wait(timeout=600)
         assert rc == 0, log.read_text(errors="replace")[-5000:]
+        rc = second_sweep.wait(timeout=600)
+        assert rc == 0, other_log.read_text(errors="replace")[-5000:]
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    parents, trials = statuses(home, "once")
-    assert parents == ["FINISHED"] and len(trials) == 2
-    assert all(s == "FINISHED" for s, _ in trials.values())
+        for proc in (first, second_sweep):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for name, n in (("once", 2), ("other", 1)):
+        parents, trials = statuses(home, name)
+        assert parents == ["FINISHED"] and len(trials) == n
+        assert all(s == "FINISHED" for s, _ in trials.values())
 
 
 def test_errors_are_plain_text_with_the_root_cause_first():

@@ -25,7 +25,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import CLI, ROOT, free_port, merge, needs_glue
+from helpers import sweep_file as tiny_sweep_file
 
-ROOT = Path(__file__).resolve().parents[1]
-GLUE = ROOT.parent / "shared" / "data" / "glue"
-CLI = [sys.executable, "-m", "ikd_sweep.cli"]
 RAY = str(Path(sys.executable).with_name("ray"))
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64}
 PG_USER, PG_PASSWORD, PG_DB = "ikd", "ikd-test-pw", "mlflow"
 DOWN_S = 6  # how long the killed tracking server stays down before it is started again
 
@@ -70,7 +65,7 @@ PG_DRIVER = _pg_driver()
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not GLUE.is_dir(), reason="needs ../shared/data/glue"),
+    needs_glue,
     pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL server binaries not found under "
                        "/usr/lib/postgresql/*/bin: run `bash .ci/install-postgres.sh` as root"),
     pytest.mark.skipif(importlib.util.find_spec(PG_DRIVER) is None,
@@ -83,32 +78,10 @@ pytestmark = [
 # ------------------------------------------------------------------------------ helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sweep_file(tmp: Path, name: str, **over) -> Path:
-    cfg = {
-        "name": name,
-        "tasks": ["wnli"],
-        "methods": ["finetune", "kd"],
-        "data": {"source": "glue_dir", "glue_dir": str(GLUE), "max_length": 32,
-                 "max_train_samples": 64, "max_eval_samples": 32},
-        "teacher": {"model": "minilm", "init": "random", "config": TINY, "epochs": 1,
-                    "lr": 1e-3, "batch_size": 16},
-        "student": {"model": "minilm", "init": "random", "config": TINY},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_every": 2, "log_every": 1},
-        "search": {"temperature": [1, 4], "seeds": [1]},
-        "resources": {"cpu": 1},
-        "max_failures": 0,
-    }
-    for k, v in over.items():
-        cfg[k] = v if not isinstance(v, dict) else {**cfg.get(k, {}), **v}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The tiny sweep on WNLI with finetune and kd at T=1 and T=4 (`over` merged in)."""
+    return tiny_sweep_file(tmp, name, **merge(
+        {"methods": ["finetune", "kd"], "search": {"temperature": [1, 4]}}, over))
 
 
 def base_env() -> dict[str, str]:

@@ -8,7 +8,6 @@ pays for starting two Python interpreters).
 
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 import os
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import merge, needs_glue
+from helpers import sweep_raw as tiny_sweep
 
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
@@ -27,31 +28,21 @@ from ikd_sweep.trainer import FitSettings, evaluate, fit, seed_everything
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
 
-GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-pytestmark = pytest.mark.skipif(not (GLUE / "RTE" / "train.tsv").is_file(),
-                                reason=f"GLUE data not found at {GLUE}")
+pytestmark = needs_glue
 CPU = "cpu"
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+# This module's sizes, laid on the tiny sweep of helpers.py.
+TEACHER = {"tasks": ["rte"], "data": {"max_length": 64, "max_train_samples": 200,
+                                      "max_eval_samples": 100},
+           "train": {"log_every": 4}}
 
 
 def sweep_raw(**over) -> dict:
-    """A tiny sweep: 2-layer hidden-64 random-init models on MiniLM's vocabulary, RTE."""
+    """The tiny sweep with 2-layer hidden-64 random-init models on MiniLM's vocabulary and 200
+    rows of RTE."""
     tiny = tiny_spec().model_dump(mode="json")
-    raw = {"name": "tiny", "tasks": ["rte"], "methods": ["finetune", "kd", "ikd"],
-           "data": {"source": "glue_dir", "glue_dir": str(GLUE), "max_length": 64,
-                    "max_train_samples": 200, "max_eval_samples": 100},
-           "teacher": {**tiny, "epochs": 1, "lr": 1e-3, "batch_size": 16},
-           "student": tiny,
-           "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 4},
-           "search": {"temperature": [2], "exam_every": [2], "teacher_lr": [1e-4],
-                      "seeds": [1]}}
-    return _merge(raw, over)
+    raw = tiny_sweep("tiny", **TEACHER)
+    del raw["train"]["eval_every"]  # the sweep file's default
+    return merge(raw, {"teacher": tiny, "student": tiny, **over})
 
 
 def sweep(**over) -> SweepConfig:

@@ -12,16 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import migrated_store
+from helpers import CLI, ROOT, cli_env, free_port, migrated_store, needs_glue, sweep_file
 from mlflow import MlflowClient
 
 from ikd_sweep.cli import ui_command
 from ikd_sweep.config import default_home
-from ikd_sweep.store import resolve_tracking_uri, sqlite_path
+from ikd_sweep.store import TAG, resolve_tracking_uri, sqlite_path
 from ikd_sweep.tracking import SweepTracker
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 TRIALS = [
     {
@@ -215,7 +212,7 @@ def test_two_processes_create_experiment_in_fresh_store(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'fresh'}/mlflow.db"
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     # Both start after their imports are done, so they hit the empty database at the same time.
     start = str(time.time() + 4.0)
@@ -238,19 +235,13 @@ def test_two_processes_create_experiment_in_fresh_store(tmp_path: Path) -> None:
     assert [e.name for e in client.search_experiments() if e.name == "race"] == ["race"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_server_keeps_training_and_reports_loss(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     tracker = SweepTracker(
-        f"http://127.0.0.1:{_free_port()}", "down", home=tmp_path, flush_timeout_s=1.0
+        f"http://127.0.0.1:{free_port()}", "down", home=tmp_path, flush_timeout_s=1.0
     )
     run_id = "0123456789abcdef0123456789abcdef"
     t0 = time.monotonic()
@@ -325,48 +316,34 @@ def test_hanging_server_costs_one_timeout_not_one_per_call(
         assert len(lines) == 20
 
 
-def _train_sweep(tmp_path: Path, glue_dir: Path) -> Path:
-    import yaml
-
-    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 64}
-    cfg = {
-        "name": "single",
-        "tasks": ["wnli"],
-        "methods": ["finetune"],
-        "data": {"source": "glue_dir", "glue_dir": str(glue_dir), "max_length": 32,
-                 "max_train_samples": 64, "max_eval_samples": 32},
-        "teacher": {"model": "minilm", "init": "random", "config": tiny},
-        "student": {"model": "minilm", "init": "random", "config": tiny},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_every": 2, "log_every": 1},
-        "search": {"temperature": [2], "seeds": [1]},
-    }
-    path = tmp_path / "single.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _cli(code: str | None, args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (`python -c CODE` when given) from `cwd`."""
+    env = cli_env(home, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    argv = [sys.executable, "-c", code] if code else CLI
+    return subprocess.run([*argv, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
 
 
-def _cli(code: str, args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "IKD_SWEEP_HOME": str(home),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-
-
-_APP = "from ikd_sweep.cli import app; app()"
 # None in sys.modules makes any `import mlflow` / `import ray` fail, as on a bare GPU box.
-_NO_MLFLOW_NO_RAY = "import sys; sys.modules['mlflow'] = sys.modules['ray'] = None; " + _APP
+_NO_MLFLOW_NO_RAY = ("import sys; sys.modules['mlflow'] = sys.modules['ray'] = None; "
+                     "from ikd_sweep.cli import app; app()")
+TRAIN = ["--task", "wnli", "--method", "finetune"]
 
 
-def test_train_records_its_trial_under_its_own_parent_run(tmp_path: Path, glue_dir: Path):
+@needs_glue
+def test_train_records_its_trial_under_its_own_parent_run_tagged_with_code_and_device(
+        tmp_path: Path):
     home = tmp_path / "home"
-    args = ["train", str(_train_sweep(tmp_path, glue_dir)), "--task", "wnli",
-            "--method", "finetune"]
-    p = _cli(_APP, args, home)
+    sweep_file(tmp_path, "single", methods=["finetune"])
+    # Launched outside the checkout: the commit is the package's, not the working folder's.
+    args = ["train", "single.yaml", *TRAIN, "--device", "cpu"]
+    p = _cli(None, args, home, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
+    steps = json.loads(p.stdout)["steps"]
+    assert f"{steps}/{steps}" in p.stderr  # the bar knew its total
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     exp = client.get_experiment_by_name("single")
+    assert exp.tags[TAG.EXPERIMENT_KIND] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("ikd.role") == "sweep"]
     (child,) = [r for r in runs if r.data.tags.get("ikd.role") == "trial"]
@@ -378,19 +355,32 @@ def test_train_records_its_trial_under_its_own_parent_run(tmp_path: Path, glue_d
     losses = client.get_metric_history(child.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == list(range(1, total + 1))
     assert "final/dev_main" in child.data.metrics
+    # Every run carries the code, the libraries and where it ran.
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    for r in runs:
+        tags = r.data.tags
+        assert tags["mlflow.source.git.commit"] == tags[TAG.GIT] == sha
+        assert tags[TAG.GIT_DIRTY] in ("true", "false")
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.name"] == "ikd-sweep train"
+        assert tags["mlflow.user"]
+        for lib in ("torch", "transformers", "ray", "mlflow"):
+            assert tags[f"ikd.lib.{lib}"][0].isdigit()
+    assert child.data.tags[TAG.DEVICE] == "cpu" and child.data.tags[TAG.GPU] == "none"
     # The same trial again: the same run, not a second one.
-    assert _cli(_APP, args, home).returncode == 0
+    assert _cli(None, args, home, cwd=tmp_path).returncode == 0
     assert len(client.search_runs([exp.experiment_id])) == 2
 
 
-def test_train_no_track_runs_without_mlflow_or_ray(tmp_path: Path, glue_dir: Path):
+@needs_glue
+def test_train_no_track_runs_without_mlflow_or_ray(tmp_path: Path):
     home = tmp_path / "home"
-    p = _cli(_NO_MLFLOW_NO_RAY, ["train", str(_train_sweep(tmp_path, glue_dir)), "--task",
-                                 "wnli", "--method", "finetune", "--no-track"], home)
+    path = str(sweep_file(tmp_path, "single", methods=["finetune"]))
+    p = _cli(_NO_MLFLOW_NO_RAY, ["train", path, *TRAIN, "--no-track"], home, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads(p.stdout)["status"] == "FINISHED"
     assert not (home / "mlflow.db").exists()
     # ... and without --no-track the missing mlflow is what stops it.
-    p = _cli(_NO_MLFLOW_NO_RAY, ["train", str(_train_sweep(tmp_path, glue_dir)), "--task",
-                                 "wnli", "--method", "finetune"], home)
+    p = _cli(_NO_MLFLOW_NO_RAY, ["train", path, *TRAIN], home, cwd=ROOT)
     assert p.returncode != 0 and "mlflow" in p.stderr

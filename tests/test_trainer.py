@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import merge, needs_glue
+from helpers import sweep_raw as tiny_sweep
 from typer.testing import CliRunner
 
 from ikd_sweep import step as step_module
@@ -31,11 +33,12 @@ from ikd_sweep.trainer import FitSettings, NonFiniteLoss, fit, seed_everything
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
 
-GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-pytestmark = pytest.mark.skipif(
-    not (GLUE / "RTE" / "train.tsv").is_file(), reason=f"GLUE data not found at {GLUE}"
-)
+pytestmark = needs_glue
 CPU = "cpu"
+# The trainer tests' sizes, laid on the tiny sweep of helpers.py.
+TRAINER = {"tasks": ["rte"], "data": {"max_length": 64, "max_train_samples": 200,
+                                      "max_eval_samples": 100},
+           "train": {"eval_every": 4, "log_every": 2}}
 # 200 RTE rows -> 20 val + 20 quiz + 160 rest. With quiz parity finetune and kd train on
 # 180 rows (batch 16 -> 12 steps, last batch of 4), ikd on 160 (10 steps).
 STEPS = {"finetune": 12, "kd": 12, "ikd": 10}
@@ -44,33 +47,11 @@ STEPS = {"finetune": 12, "kd": 12, "ikd": 10}
 # ----------------------------------------------------------------------------- helpers
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def sweep_raw(**over) -> dict:
-    """A tiny sweep: 2-layer hidden-64 random-init models on MiniLM's vocabulary, RTE."""
+    """The tiny sweep with 2-layer hidden-64 random-init models on MiniLM's vocabulary and 200
+    rows of RTE (the step counts above)."""
     tiny = tiny_spec().model_dump(mode="json")
-    raw = {
-        "name": "tiny",
-        "tasks": ["rte"],
-        "methods": ["finetune", "kd", "ikd"],
-        "data": {
-            "source": "glue_dir",
-            "glue_dir": str(GLUE),
-            "max_length": 64,
-            "max_train_samples": 200,
-            "max_eval_samples": 100,
-        },
-        "teacher": {**tiny, "epochs": 1, "lr": 1e-3, "batch_size": 16},
-        "student": tiny,
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_every": 4, "log_every": 2},
-        "search": {"temperature": [2], "exam_every": [2], "teacher_lr": [1e-4], "seeds": [1]},
-    }
-    return _merge(raw, over)
+    return merge(tiny_sweep("tiny", **TRAINER), {"teacher": tiny, "student": tiny, **over})
 
 
 def sweep(**over) -> SweepConfig:
@@ -262,27 +243,18 @@ def test_nan_loss_raises_naming_the_step(home, monkeypatch):
         run_trial(sweep(), trial("kd"), home=home, device=CPU)
 
 
-def test_cli_train_exits_nonzero_with_failed_status_on_absurd_lr(tmp_path, new_home):
+@pytest.mark.parametrize("method, absurd", [
+    ("kd", ["--set", "train.lr=1e30"]),
+    # the teacher's steps blow up, not the student's (what the sweep test's stsb trial showed)
+    ("ikd", ["--teacher-lr", "1e30"]),
+])
+def test_cli_train_exits_nonzero_with_failed_status_on_absurd_lr(tmp_path, new_home, method,
+                                                                 absurd):
     home = new_home()
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(sweep_raw()))
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            str(path),
-            "--task",
-            "rte",
-            "--method",
-            "kd",
-            "--set",
-            "train.lr=1e30",
-            "--home",
-            str(home),
-            "--device",
-            "cpu",
-        ],
-    )
+    result = CliRunner().invoke(app, ["train", str(path), "--task", "rte", "--method", method,
+                                      *absurd, "--home", str(home), "--device", "cpu"])
     assert result.exit_code == 1, result.output
     assert '"status": "FAILED"' in result.output
     assert "non-finite loss by step" in result.output
