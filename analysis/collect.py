@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ikd_sweep.store import STUDENT_ARTIFACT, TAG, absolute_sqlite_uri, require_store
-from ikd_sweep.tracking import find_parent, load_trials, sweep_parents, trial_runs
+from ikd_sweep.tracking import find_parent, load_trials, trial_runs
 from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
 
 # Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
@@ -74,14 +74,6 @@ class SweepRuns:
         frame = frame.sort_values(["step", "timestamp"], kind="stable")
         frame = frame.drop_duplicates("step", keep="last")
         return frame[["step", "value"]].reset_index(drop=True)
-
-
-def latest_sweep_name(tracking_uri: str) -> str | None:
-    """The sweep of the most recently started parent run, or None when there is none."""
-    for run in sweep_parents(MlflowClient(tracking_uri=tracking_uri)):
-        if name := run.data.tags.get(TAG.SWEEP):
-            return name
-    return None
 
 
 def _float(value: Any) -> float:

@@ -122,13 +122,6 @@ def build_model(spec: ModelConfig, num_labels: int,
         hf_logging.set_verbosity(verbosity)
 
 
-def tiny_spec(**config) -> ModelConfig:
-    """A 2-layer, hidden-64 random-init BERT on MiniLM's vocabulary: fast CPU tests."""
-    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 128}
-    return ModelConfig(model=MINILM, init="random", config={**base, **config})
-
-
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of `batch` that a model's forward takes (not labels, idx, ...)."""
     return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
@@ -137,7 +130,3 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA; full precision on CPU, where bf16 is slow and changes results."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -15,9 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from filelock import FileLock
 from mlflow import MlflowClient
+
+from ikd_sweep.config import ModelConfig
+from ikd_sweep.models import MINILM
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # the original GLUE TSVs, beside the checkout
@@ -150,3 +154,14 @@ def migrated_store(factory: pytest.TempPathFactory, home: Path) -> str:
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, home / "mlflow.db")
     return f"sqlite:///{home.resolve()}/mlflow.db"
+
+
+def tiny_spec(**config) -> ModelConfig:
+    """A 2-layer, hidden-64 random-init BERT on MiniLM's vocabulary: fast CPU tests."""
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 128}
+    return ModelConfig(model=MINILM, init="random", config={**base, **config})
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

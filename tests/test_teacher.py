@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import merge, needs_glue
+from helpers import merge, needs_glue, tiny_spec
 from helpers import sweep_raw as tiny_sweep
 
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import batch_order, collate, prepare_data, tokenize_splits
-from ikd_sweep.models import build_model, load_tokenizer, tiny_spec
+from ikd_sweep.models import build_model, load_tokenizer
 from ikd_sweep.tasks import get_task
 from ikd_sweep.trainer import FitSettings, evaluate, fit, seed_everything
 from ikd_sweep.trial import run_trial

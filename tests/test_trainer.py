@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import merge, needs_glue
+from helpers import merge, needs_glue, tiny_spec
 from helpers import sweep_raw as tiny_sweep
 from typer.testing import CliRunner
 
@@ -28,7 +28,7 @@ from ikd_sweep import trial as trial_module
 from ikd_sweep.cli import app
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import prepare_data
-from ikd_sweep.models import build_model, load_tokenizer, model_inputs, tiny_spec
+from ikd_sweep.models import build_model, load_tokenizer, model_inputs
 from ikd_sweep.trainer import FitSettings, NonFiniteLoss, fit, seed_everything
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
