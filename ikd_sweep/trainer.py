@@ -8,7 +8,8 @@ own AdamW step) of that same course batch from the student's weights before its 
 `ikd.order` says whether the teacher steps after the student (student_first) or before it
 (teacher_first). `step.TrainStep` is one such step (DESIGN.md, "Order within an exam round").
 
-Features: AdamW with linear warmup/decay (fused on CUDA), bf16 autocast on CUDA, per-batch
+Features: AdamW with linear warmup/decay (fused on every device: on CPU the per-tensor
+loop was 37 % of a kd trial), bf16 autocast on CUDA, per-batch
 padding with length-grouped batches, losses accumulated on the device (host syncs only at
 logging, evaluation and checkpoint steps), val evaluation every `eval_every` steps and at each
 epoch end, checkpoint + exact resume (models, optimizers, schedulers, step, RNG, the selection so
@@ -187,8 +188,11 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
         teacher: torch.nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
         device: torch.device, callback: Callback | None = None, pad_id: int = 0,
         checkpoint_dir: Path | None = None, resume_from: Path | None = None,
-        keep: KeepStudent | None = None) -> dict[str, float]:
+        keep: KeepStudent | None = None, started: float | None = None) -> dict[str, float]:
     """Train `student` by `s.method` on `data.train`; return the trial's result.
+
+    `started`: the trial's start (`time.perf_counter()`), for `sys/startup_s`, the time from it
+    to the first training step (data, models, teacher loading; defaults to fit's own start).
 
     Result: `sel/val_main`, `sel/dev_main`, `sel/step` (the evaluation with the best val/main),
     `final/val_*` and `final/dev_*` (the last evaluation), `best/dev_main` (the best dev score
@@ -216,7 +220,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, fused=cuda)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, fused=True)
     sched = get_linear_schedule_with_warmup(opt, int(s.warmup_ratio * total), total)
     t_opt = None
     if teacher is not None:
@@ -225,7 +229,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
             p.requires_grad_(s.method == "ikd")
         if s.method == "ikd":
             t_opt = torch.optim.AdamW(teacher.parameters(), lr=s.teacher_lr, weight_decay=0.0,
-                                      fused=cuda)
+                                      fused=True)
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(device)
 
@@ -264,6 +268,8 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
     sums = {"loss": zero(), "kd": zero(), "exam": zero()}
     n_logged, n_exams, t0, seen = 0, 0, time.perf_counter(), 0
     t_start, trained = t0, 0
+    startup = {"sys/startup_s": t0 - (started if started is not None else t0)}
+    startup_final = dict(startup)
     last: dict[str, float] = {}
     while step < total:
         epoch = step // steps_per_epoch
@@ -298,6 +304,8 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                                         f"(train/loss={vals['loss']}, exam/loss={vals['exam']})"
                                         "; lower the learning rates or check the data")
                 dt = time.perf_counter() - t0
+                # samples_per_s: this window's training alone (t0 restarts after logging,
+                # evaluation and checkpoints), the steady state that compares across runs.
                 last = {"train/loss": vals["loss"] / n_logged,
                         "train/lr": sched.get_last_lr()[0],
                         "samples_per_s": seen / dt if dt > 0 else 0.0,
@@ -307,6 +315,9 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                 if n_exams:
                     last["exam/loss"] = vals["exam"] / n_exams
                     last["exam/hypergrad_norm"] = vals["hypergrad_norm"] / n_exams
+                if startup:  # the first log of this process: how long until training began
+                    last.update(startup)
+                    startup = {}
                 if vals.get("n_diagnosed"):
                     last["exam/teacher_update_norm"] = (vals["teacher_update_norm"]
                                                         / vals["n_diagnosed"])
@@ -316,7 +327,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                 cb.log(last, step)
                 times.collect()  # after the sync above: reading the events waits for nothing
                 sums = {k: zero() for k in sums}
-                n_logged, n_exams, t0, seen = 0, 0, time.perf_counter(), 0
+                n_logged, n_exams, seen = 0, 0, 0
 
             # ---- evaluation, checkpoint, report
             if step in eval_at:
@@ -360,6 +371,8 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
                         ckpt = _save_checkpoint(Path(checkpoint_dir), state)
                 cb.report(metrics, step, ckpt)
                 last_eval = metrics
+            if n_logged == 0:  # a window starts after its log (and evaluation) is done
+                t0 = time.perf_counter()
 
     wall = time.perf_counter() - t_start
     if last_eval is None:  # resumed from the final checkpoint: nothing left to train
@@ -372,7 +385,7 @@ def fit(s: FitSettings, task: Task, data: TaskData, student: torch.nn.Module, *,
              if k.startswith(("val/", "dev/"))}
     final.update(sel)
     final.update({"best/dev_main": best, "best/step": best_step, "steps": step})
-    final.update({**times.metrics(wall, trained), **peak_memory(device)})
+    final.update({**times.metrics(wall, trained), **peak_memory(device), **startup_final})
     if s.method == "ikd":
         final["final/teacher_val_main"] = last_eval["teacher/val_main"]
         final["final/teacher_dev_main"] = last_eval["teacher/dev_main"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
 
     `student_dir`: keep the selected student there (a Hugging Face folder with the tokenizer
     and a model card; see `trainer.KeepStudent`)."""
+    started = time.perf_counter()  # for sys/startup_s: data, models, teacher until step 1
     dev = pick_device(device)
     seed = trial_seed(cfg, trial)
     tokenizer = load_tokenizer(cfg.teacher.model)
@@ -59,7 +61,7 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
     result = fit(FitSettings.for_trial(cfg, trial), data.task, data, student, teacher=teacher,
                  teacher_logits=logits, device=dev, callback=callback,
                  pad_id=tokenizer.pad_token_id or 0, checkpoint_dir=checkpoint_dir,
-                 resume_from=resume_from,
+                 resume_from=resume_from, started=started,
                  keep=None if student_dir is None else KeepStudent(
                      Path(student_dir), tokenizer, card_facts(cfg, trial, seed)))
     result.update({k.replace("teacher/", "teacher/initial_"): v

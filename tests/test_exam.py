@@ -326,12 +326,13 @@ def test_unknown_estimator():
 # --- lookahead: adam (the student's own AdamW step, second moment and clip held fixed) ------
 
 
-def warm_adamw(student, lr=0.02, wd=0.1, steps=2, seed=5):
+def warm_adamw(student, lr=0.02, wd=0.1, steps=2, seed=5, fused=None):
     """The trainer's AdamW (decay / no-decay groups) after a few steps, at a scheduled lr."""
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3,
+        fused=fused,
     )
     g = torch.Generator().manual_seed(seed)
     saved = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -371,10 +372,11 @@ def adam_exam_loss(teacher, student, course, exam, shift, prec):
     return task_loss(e.logits, exam["labels"]).item()
 
 
+@pytest.mark.parametrize("fused", [None, True])  # the trainer's AdamW is fused on every device
 @pytest.mark.parametrize("num_labels", [3, 1])
-def test_adam_lookahead_matches_real_adamw_step_and_brute_force(num_labels):
+def test_adam_lookahead_matches_real_adamw_step_and_brute_force(num_labels, fused):
     teacher, student, course, exam = setup(num_labels)
-    opt = warm_adamw(student)
+    opt = warm_adamw(student, fused=fused)
     params = list(student.parameters())
     g = course_grad(teacher, student, course)
     clip = 0.5 * torch.cat([x.flatten() for x in g]).norm().item()  # clipping is active

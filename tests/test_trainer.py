@@ -85,9 +85,9 @@ class Recorder:
         self.reports.append((step, dict(metrics), checkpoint))
 
     def curve(self, after: int = -1) -> list[tuple[int, dict]]:
-        """Logged values without wall-clock throughput, which never repeats exactly."""
+        """Logged values without wall-clock measurements, which never repeat exactly."""
         return [
-            (s, {k: v for k, v in m.items() if k != "samples_per_s"})
+            (s, {k: v for k, v in m.items() if k != "samples_per_s" and not k.startswith("sys/")})
             for s, m in self.logs
             if s > after
         ]
@@ -321,6 +321,28 @@ def test_callback_receives_the_promised_metric_names(home, method):
     chosen = max(rec.reports, key=lambda r: r[1]["val/main"])  # max keeps the first of ties
     assert (result["sel/step"], result["sel/val_main"], result["sel/dev_main"]) == (
         chosen[0], chosen[1]["val/main"], chosen[1]["dev/main"])
+
+
+def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, monkeypatch):
+    # A clock on which every evaluation takes 1000 s: a window that counted it would show
+    # under one sample per second.
+    clock = {"skew": 0.0}
+    real_clock, real_scores = trainer.time.perf_counter, trainer._scores
+
+    def slow_scores(*a, **kw):
+        clock["skew"] += 1000.0
+        return real_scores(*a, **kw)
+
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: real_clock() + clock["skew"])
+    monkeypatch.setattr(trainer, "_scores", slow_scores)
+    rec = Recorder()
+    result = run_trial(sweep(), trial("kd"), home=home, callback=rec, device=CPU)
+    rates = [m["samples_per_s"] for _, m in rec.logs if "samples_per_s" in m]
+    assert len(rates) == STEPS["kd"] // 2 and min(rates) > 1.0
+    # the time from the trial's start to its first step (data, models, cached logits)
+    first = next(m for _, m in rec.logs if "samples_per_s" in m)
+    assert first["sys/startup_s"] == result["sys/startup_s"] > 0
+    assert sum("sys/startup_s" in m for _, m in rec.logs) == 1
 
 
 # ----------------------------------------------------------------------------- selection
