@@ -79,6 +79,18 @@ class Task:
                              f"got {p.shape}")
         return self.metric_fn(p.argmax(axis=1), y.astype(np.int64))
 
+    def majority_baseline(self, train_labels, dev_labels) -> dict[str, float]:
+        """Metrics of a constant guess on dev: the training rows' most frequent class (their
+        mean score for regression). The floor a trained model has to clear; on CoLA (Matthews)
+        and STS-B (correlations) it is 0 by construction."""
+        y = np.asarray(train_labels)
+        n = len(dev_labels)
+        if self.is_regression:
+            return self.compute_metrics(np.full(n, float(np.mean(y))), dev_labels)
+        guess = np.zeros((n, self.num_labels))
+        guess[:, int(np.bincount(y.astype(np.int64), minlength=self.num_labels).argmax())] = 1
+        return self.compute_metrics(guess, dev_labels)
+
 
 _ENT = ("entailment", "not_entailment")
 

@@ -26,6 +26,9 @@ from ikd_sweep.trainer import (
 )
 from ikd_sweep.trials import HPARAMS, Trial, trial_seed
 
+# The dev score of always guessing the training rows' majority (`Task.majority_baseline`).
+MAJORITY_DEV = "baseline/majority_dev_main"
+
 
 def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback | None = None,
               checkpoint_dir: Path | None = None, resume_from: Path | None = None,
@@ -66,6 +69,8 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
                      Path(student_dir), tokenizer, card_facts(cfg, trial, seed)))
     result.update({k.replace("teacher/", "teacher/initial_"): v
                    for k, v in teacher_scores.items()})
+    result[MAJORITY_DEV] = data.task.majority_baseline(data.labelled.labels,
+                                                       data.dev.labels)["main"]
     return result
 
 
