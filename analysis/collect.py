@@ -18,23 +18,28 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from ikd_sweep.names import (
+    BEST_DEV,
+    DEV,
+    FINAL_DEV,
+    HPARAMS,
+    METHOD_HPARAMS,
+    PHASES,
+    SEL_DEV,
+    SEL_STEP,
+    SEL_VAL,
+    TEACHER_DEV,
+)
 from ikd_sweep.store import STUDENT_ARTIFACT, TAG, absolute_sqlite_uri, require_store
 from ikd_sweep.tracking import find_parent, load_trials, trial_runs
-from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
 
 # Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
 # so a default that leaked into a finetune run's params cannot split its seeds into two settings.
 TRIAL_COLUMNS = ("trial_id", "task", "method", "seed", *HPARAMS, "phase")
-PHASES = ("search", "confirm")
 #: Result metric -> column. ``sel/*`` is the run's checkpoint with the best ``val/main``;
 #: ``best/dev_main`` (max over dev) is a diagnostic that the report never selects on.
 RESULT_METRICS = {
-    "sel/val_main": "sel_val_main",
-    "sel/dev_main": "sel_dev_main",
-    "sel/step": "sel_step",
-    "final/dev_main": "final_dev_main",
-    "best/dev_main": "best_dev_main",
-    "teacher/dev_main": "teacher_dev_main",
+    m: m.replace("/", "_") for m in (SEL_VAL, SEL_DEV, SEL_STEP, FINAL_DEV, BEST_DEV, TEACHER_DEV)
 }
 RUN_COLUMNS = (
     "run_id",
@@ -188,7 +193,7 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     runs = _blank_unused(_fill_from_expected(_dedupe(runs), expected))
     # A trainer that never logged best/dev_main: the best dev/main it logged is the same thing.
     for i in runs.index[runs["best_dev_main"].isna() & runs["status"].eq("FINISHED")]:
-        points = client.get_metric_history(runs.at[i, "run_id"], "dev/main")
+        points = client.get_metric_history(runs.at[i, "run_id"], DEV)
         values = [m.value for m in points if math.isfinite(m.value)]
         if values:
             runs.at[i, "best_dev_main"] = max(values)

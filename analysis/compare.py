@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.frames import AVG, CONTROL, rank
+from analysis.frames import AVG, rank
+from ikd_sweep.names import CONTROL
 
 #: (a, b): the tables report a − b.
 COMPARISONS = (("ikd", "kd"), ("ikd", CONTROL), ("ikd", "finetune"), ("kd", "finetune"))

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pandas as pd
 
 from analysis.compare import EFFECT_PT
-from analysis.frames import AVG, CONTROL
+from analysis.frames import AVG
 from analysis.tables import INCOMPLETE_MARK, Report
-from ikd_sweep.trials import HPARAMS
+from ikd_sweep.names import CONTROL, HPARAMS
 
 METHOD_LABELS = {
     "finetune": "Fine-tune",

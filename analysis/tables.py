@@ -37,7 +37,6 @@ from analysis.compare import COLUMNS as COMPARISON_COLUMNS
 from analysis.compare import EFFECT_PT, compare
 from analysis.frames import (
     AVG,
-    CONTROL,
     KEYS,
     Index,
     codes,
@@ -49,7 +48,7 @@ from analysis.frames import (
     task_order,
 )
 from analysis.status import status_by_method, trial_status
-from ikd_sweep.trials import HPARAMS, base_method
+from ikd_sweep.names import CONTROL, HPARAMS, base_method
 
 #: Marks a reported cell with fewer finished seeds than expected.
 INCOMPLETE_MARK = "†"

@@ -36,7 +36,9 @@ from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import TaskData, iterate, prepare_data
 from ikd_sweep.errors import CacheError
 from ikd_sweep.files import atomic_path
+from ikd_sweep.home import Home
 from ikd_sweep.models import autocast, build_model, load_tokenizer, model_inputs
+from ikd_sweep.names import DEV
 from ikd_sweep.trainer import Callback, FitSettings, evaluate, fit, pick_device, seed_everything
 from ikd_sweep.trials import trial_seed
 
@@ -91,7 +93,7 @@ def teacher_key(cfg: SweepConfig, task: str, seed: int) -> str:
 
 
 def teacher_dir(cfg: SweepConfig, task: str, seed: int, home: Path) -> Path:
-    return home / "cache" / "teachers" / teacher_key(cfg, task, seed)
+    return Home(home).teacher(teacher_key(cfg, task, seed))
 
 
 def _locked(path: Path) -> FileLock:
@@ -120,7 +122,7 @@ class _EpochProgress:
         if self.inner is not None:
             self.inner.report(metrics, step, checkpoint)
         self.progress({**self.info, "epoch": math.ceil(metrics.get("epoch", 0) - 1e-9),
-                       "dev_main": float(metrics["dev/main"])})
+                       "dev_main": float(metrics[DEV])})
 
 
 def _failure_marker(out: Path) -> Path:
@@ -173,7 +175,7 @@ def _fine_tune(cfg: SweepConfig, task: str, seed: int, home: Path, out: Path,
     dev = pick_device(device)
     tokenizer = load_tokenizer(cfg.teacher.model)
     settings = FitSettings.for_teacher(cfg, seed)
-    data = prepare_data(task, cfg.data, tokenizer, home / "cache" / "data", settings.seed,
+    data = prepare_data(task, cfg.data, tokenizer, Home(home).data_cache, settings.seed,
                         method="teacher")
     seed_everything(settings.seed)
     model = build_model(cfg.teacher, data.task.num_labels)

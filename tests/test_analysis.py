@@ -23,6 +23,17 @@ from analysis.plots import make_plots
 from analysis.report import NoFinishedRuns, make_report, normalize_formats
 from analysis.stats import holm
 from analysis.tables import budget_curves, build_report, select_settings
+from ikd_sweep.names import (
+    BEST_DEV,
+    CONTROL,
+    DEV,
+    FINAL_DEV,
+    SEL_DEV,
+    SEL_STEP,
+    SEL_VAL,
+    TEACHER_DEV,
+    VAL,
+)
 from ikd_sweep.tracking import SweepTracker
 
 SEEDS = (1, 2, 3)
@@ -109,20 +120,20 @@ def run_trial(
     best_val, best_dev = -math.inf, -math.inf
     for i, step in enumerate(STEPS):
         best_dev = max(best_dev, devs[i])
-        metrics = {"train/loss": 1.0 / step, "val/main": vals[i], "dev/main": devs[i]}
+        metrics = {"train/loss": 1.0 / step, VAL: vals[i], DEV: devs[i]}
         metrics["dev/accuracy"] = devs[i]
         if vals[i] > best_val:
             best_val = vals[i]
-            sel = {"sel/val_main": vals[i], "sel/dev_main": devs[i], "sel/step": step}
+            sel = {SEL_VAL: vals[i], SEL_DEV: devs[i], SEL_STEP: step}
         metrics.update(sel)
-        metrics["best/dev_main"] = best_dev
+        metrics[BEST_DEV] = best_dev
         if trial["method"] == "ikd":
-            metrics["teacher/dev_main"] = 0.9 + step / 10000
+            metrics[TEACHER_DEV] = 0.9 + step / 10000
         tracker.log_metrics(run_id, metrics, step)
     if status == "RUNNING":
         return run_id
-    final = {**sel, "final/dev_main": devs[-1], "final/dev_accuracy": devs[-1]}
-    final["best/dev_main"] = best_dev
+    final = {**sel, FINAL_DEV: devs[-1], "final/dev_accuracy": devs[-1]}
+    final[BEST_DEV] = best_dev
     if status == "FINISHED":
         tracker.log_metrics(run_id, final, STEPS[-1])
     tracker.finish_trial(
@@ -207,7 +218,7 @@ def test_collect_runs_frame(glue_store, glue_report) -> None:
     assert row["duration_s"] >= 0
     ft = runs.set_index("trial_id").loc["rte-finetune-s1"]
     assert math.isnan(ft["temperature"]) and pd.isna(ft["estimator"])
-    hist = data.history(row["run_id"], "dev/main")
+    hist = data.history(row["run_id"], DEV)
     assert list(hist["step"]) == list(STEPS)
     assert list(hist["value"]) == pytest.approx([0.88, 0.85, 0.84])
 
@@ -449,8 +460,8 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     trial = trial_dict("cola", "kd", 1.0, 1)
     parent = old.start_sweep("old", {}, [trial])
     run_id = old.trial_run(parent, trial["trial_id"], tags={}, params=trial)
-    old.log_metrics(run_id, {"dev/main": 0.7, "best/dev_main": 0.7}, 10)
-    old.finish_trial(run_id, "FINISHED", final_metrics={"final/dev_main": 0.7})
+    old.log_metrics(run_id, {DEV: 0.7, BEST_DEV: 0.7}, 10)
+    old.finish_trial(run_id, "FINISHED", final_metrics={FINAL_DEV: 0.7})
     old.end_sweep(parent, "FINISHED")
 
     time.sleep(0.05)
@@ -634,14 +645,14 @@ def test_control_confirmation_and_selection_api() -> None:
     runs = _frame(rows)
     picked = select_settings(runs, None).set_index("method")
     # teacher_lr 0 is a control, selected on its own: its .70 val does not win ikd's selection.
-    assert set(picked.index) == {"kd", "ikd", "ikd-control"}
+    assert set(picked.index) == {"kd", "ikd", CONTROL}
     assert picked.loc["ikd", "temperature"] == 4.0 and picked.loc["ikd", "teacher_lr"] == 1e-5
-    assert picked.loc["ikd-control", "teacher_lr"] == 0.0
-    assert picked.loc["ikd-control", "base_method"] == "ikd"
+    assert picked.loc[CONTROL, "teacher_lr"] == 0.0
+    assert picked.loc[CONTROL, "base_method"] == "ikd"
     assert math.isnan(picked.loc["kd", "teacher_lr"]) and math.isnan(picked.loc["kd", "exam_every"])
 
     report = build_report(runs, None, "control")
-    assert report.methods == ["kd", "ikd", "ikd-control"]
+    assert report.methods == ["kd", "ikd", CONTROL]
     sel = report.selected.set_index("method")
     assert sel.loc["ikd", "source"] == "confirm" and sel.loc["ikd", "seeds"] == [7, 8]
     assert sel.loc["ikd", "mean"] == pytest.approx(0.62)

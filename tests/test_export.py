@@ -14,6 +14,8 @@ import pytest
 from helpers import SHARED as SWEEP
 from helpers import SHARED_TRIALS, end_to_end, run_cli, runs_of, store, sweep_file
 
+from ikd_sweep.names import SEL_DEV
+
 
 def _bytes(paths) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file() and not p.is_symlink())
@@ -99,7 +101,7 @@ def test_export_gives_a_loadable_student_with_the_recorded_dev_score(swept, glue
                         trial_seed(cfg, 2), method="kd")
     got = evaluate(model, data.dev, data.task, torch.device("cpu"),
                    cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)["main"]
-    recorded = run.data.metrics["sel/dev_main"]
+    recorded = run.data.metrics[SEL_DEV]
     print(f"\nexported kd student: dev main {got:.6f}, recorded sel/dev_main {recorded:.6f}")
     assert abs(got - recorded) <= 1e-4
     card = (out / "README.md").read_text()

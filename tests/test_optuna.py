@@ -16,6 +16,7 @@ from helpers import end_to_end, run_cli, runs_of, sweep_file
 from typer.testing import CliRunner
 
 from ikd_sweep.cli import app
+from ikd_sweep.names import SEL_VAL
 
 SEARCH = {"algorithm": "optuna", "num_samples": 2, "seeds": [1, 2], "temperature": [1, 4]}
 
@@ -64,7 +65,7 @@ def test_searcher_learned_the_mean_over_seeds(sweep):
     _, children = runs_of(sweep["home"], "opt")
     by_setting = defaultdict(list)
     for r in children:
-        by_setting[r.data.params["temperature"]].append(r.data.metrics["sel/val_main"])
+        by_setting[r.data.params["temperature"]].append(r.data.metrics[SEL_VAL])
     means = sorted(sum(v) / len(v) for v in by_setting.values())
     state = max((sweep["home"] / "ray" / "opt" / "rte-kd").glob("searcher-state-*.pkl"))
     study = pickle.loads(state.read_bytes())["_ot_study"]

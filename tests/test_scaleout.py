@@ -37,6 +37,8 @@ import pytest
 from helpers import CLI, ROOT, free_port, merge, needs_glue
 from helpers import sweep_file as tiny_sweep_file
 
+from ikd_sweep.names import DEV, FINAL_DEV, VAL
+
 RAY = str(Path(sys.executable).with_name("ray"))
 PG_USER, PG_PASSWORD, PG_DB = "ikd", "ikd-test-pw", "mlflow"
 DOWN_S = 6  # how long the killed tracking server stays down before it is started again
@@ -362,10 +364,10 @@ def test_sweep_on_ray_cluster_records_through_mlflow_server_on_postgres(
         assert c.data.params["train.lr"] == "0.001"
         if c.data.params["method"] == "kd":
             assert float(c.data.params["temperature"]) in (1.0, 4.0)
-        for key in ("val/main", "train/loss"):
+        for key in (VAL, "train/loss"):
             hist = client.get_metric_history(run_id, key)
             assert len(hist) >= 2 and len({h.step for h in hist}) == len(hist), key
-        assert "final/dev_main" in c.data.metrics
+        assert FINAL_DEV in c.data.metrics
         assert "ikd.lost_metrics" not in c.data.tags
         # Artifacts go through the server's proxy (mlflow-artifacts:/) into its destination.
         assert c.info.artifact_uri.startswith("mlflow-artifacts:"), c.info.artifact_uri
@@ -376,7 +378,7 @@ def test_sweep_on_ray_cluster_records_through_mlflow_server_on_postgres(
         final = json.loads(Path(client.download_artifacts(run_id, "final_metrics.json",
                                                           str(dl / run_id))).read_text())
         assert cfg["trial_id"] == c.data.tags["ikd.trial_id"] and cfg["sweep"] == "scaleout"
-        assert final["final/dev_main"] == pytest.approx(c.data.metrics["final/dev_main"])
+        assert final[FINAL_DEV] == pytest.approx(c.data.metrics[FINAL_DEV])
     stored = list((mlflow_server.artifacts).rglob("final_metrics.json"))
     assert len(stored) == 3, stored
     trials = json.loads(Path(client.download_artifacts(parent_id, "trials.json",
@@ -455,7 +457,7 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
                 _, children = runs_of(client, name)
                 for c in children:
                     if c.info.status == "RUNNING" and client.get_metric_history(
-                            c.info.run_id, "dev/main"):
+                            c.info.run_id, DEV):
                         victim = c
                         break
         victim_steps = len(client.get_metric_history(victim.info.run_id, "train/loss"))
@@ -514,7 +516,7 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
         assert total, f"{trial_id}: its step count was neither delivered nor reported lost"
         total = int(total)
         expected = {"train/loss": set(range(1, total + 1)),
-                    "val/main": set(range(eval_every, total + 1, eval_every)) | {total}}
+                    VAL: set(range(eval_every, total + 1, eval_every)) | {total}}
         missing_total = 0
         for key, steps in expected.items():
             missing = steps - delivered.get(key, set())

@@ -26,6 +26,8 @@ from helpers import (
     sweep_file,
 )
 
+from ikd_sweep.names import DEV, FINAL_DEV, TEACHER_DEV, VAL
+
 pytestmark = [pytest.mark.slow, needs_glue]
 N_TRIALS = SHARED_TRIALS["search"] + SHARED_TRIALS["confirm"]
 
@@ -45,12 +47,12 @@ def test_sweep_records_one_parent_and_every_trial(finished_sweep):
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert c.data.params["task"] in ("rte", "stsb")
         assert "train.lr" in c.data.params
-        hist = client.get_metric_history(c.info.run_id, "dev/main")
+        hist = client.get_metric_history(c.info.run_id, DEV)
         assert len(hist) >= 2 and len({h.step for h in hist}) == len(hist)
-        assert "final/dev_main" in c.data.metrics
+        assert FINAL_DEV in c.data.metrics
         if c.data.tags["ikd.method"] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
-            assert "teacher/dev_main" in c.data.metrics
+            assert TEACHER_DEV in c.data.metrics
     # teachers were fine-tuned once per (task, seed), inside the first trial that needed one
     assert len(list((home / "cache" / "teachers").glob("*/DONE"))) == 4
 
@@ -66,12 +68,12 @@ def test_store_is_written_by_the_driver_only(finished_sweep):
         assert c.info.status == "FINISHED", c.data.tags.get("ikd.error")
         total = int(c.data.metrics["steps"])
         hist = {key: {m.step for m in client.get_metric_history(c.info.run_id, key)}
-                for key in ("train/loss", "val/main")}
+                for key in ("train/loss", VAL)}
         # log_every 4, eval_every 2 (and at the end): every logged step, every evaluation.
         evals = set(range(2, total + 1, 2)) | {total}
         assert hist["train/loss"] == set(range(4, total + 1, 4)) | evals
-        assert hist["val/main"] == evals
-        assert "final/dev_main" in c.data.metrics
+        assert hist[VAL] == evals
+        assert FINAL_DEV in c.data.metrics
         if c.data.tags["ikd.method"] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
     assert not (home / "lost-metrics").exists()

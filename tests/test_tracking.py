@@ -16,7 +16,8 @@ from helpers import CLI, ROOT, cli_env, free_port, migrated_store, needs_glue, s
 from mlflow import MlflowClient
 
 from ikd_sweep.cli import ui_command
-from ikd_sweep.config import default_home
+from ikd_sweep.home import default_home
+from ikd_sweep.names import DEV, FINAL_DEV
 from ikd_sweep.store import TAG, resolve_tracking_uri, sqlite_path
 from ikd_sweep.tracking import SweepTracker
 
@@ -149,15 +150,15 @@ def test_trial_run_idempotent_metrics_and_artifacts(tracker_store) -> None:
 
     for step in range(1, 6):
         tracker.log_metrics(
-            run_id, {"train/loss": 1.0 / step, "dev/main": 0.1 * step, "nan": float("nan")}, step
+            run_id, {"train/loss": 1.0 / step, DEV: 0.1 * step, "nan": float("nan")}, step
         )
     tracker.finish_trial(
         run_id,
         "FINISHED",
-        final_metrics={"final/dev_main": 0.5},
+        final_metrics={FINAL_DEV: 0.5},
         trial_config={"task": "sst2", "seed": 1},
     )
-    history = client.get_metric_history(run_id, "dev/main")
+    history = client.get_metric_history(run_id, DEV)
     assert [(m.step, round(m.value, 6)) for m in history] == [
         (s, round(0.1 * s, 6)) for s in range(1, 6)
     ]
@@ -250,7 +251,7 @@ def test_unreachable_server_keeps_training_and_reports_loss(
     assert time.monotonic() - t0 < 10
 
     t0 = time.monotonic()
-    tracker.finish_trial(run_id, "FINISHED", final_metrics={"final/dev_main": 0.5})
+    tracker.finish_trial(run_id, "FINISHED", final_metrics={FINAL_DEV: 0.5})
     assert time.monotonic() - t0 < 30
     lost = tracker.lost_metrics_path(run_id)
     assert lost == tmp_path / "lost-metrics" / f"{run_id}.jsonl"
@@ -279,14 +280,14 @@ def test_rejected_batch_is_reported_lost_and_tagged(tracker_store, caplog) -> No
 
     tracker.client.log_batch = flaky
     for step in range(4):
-        tracker.log_metrics(run_id, {"dev/main": float(step)}, step, timestamp_ms=1000 + step)
+        tracker.log_metrics(run_id, {DEV: float(step)}, step, timestamp_ms=1000 + step)
     tracker.finish_trial(run_id, "FINISHED")
-    history = client.get_metric_history(run_id, "dev/main")
+    history = client.get_metric_history(run_id, DEV)
     assert sorted((m.step, m.value, m.timestamp) for m in history) == [
         (s, float(s), 1000 + s) for s in range(1, 4)
     ]
     lost = [json.loads(line) for line in tracker.lost_metrics_path(run_id).read_text().splitlines()]
-    assert [(r["key"], r["step"], r["timestamp"]) for r in lost] == [("dev/main", 0, 1000)]
+    assert [(r["key"], r["step"], r["timestamp"]) for r in lost] == [(DEV, 0, 1000)]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["ikd.lost_metrics"] == "1"
     messages = [r.getMessage() for r in caplog.records]
@@ -354,7 +355,7 @@ def test_train_records_its_trial_under_its_own_parent_run_tagged_with_code_and_d
     total = int(child.data.metrics["steps"])
     losses = client.get_metric_history(child.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == list(range(1, total + 1))
-    assert "final/dev_main" in child.data.metrics
+    assert FINAL_DEV in child.data.metrics
     # Every run carries the code, the libraries and where it ran.
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                          text=True).stdout.strip()

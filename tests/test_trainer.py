@@ -29,6 +29,18 @@ from ikd_sweep.cli import app
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import prepare_data
 from ikd_sweep.models import build_model, load_tokenizer, model_inputs
+from ikd_sweep.names import (
+    BEST_DEV,
+    DEV,
+    FINAL_DEV,
+    SEL_DEV,
+    SEL_STEP,
+    SEL_VAL,
+    STARTUP,
+    TEACHER_DEV,
+    TEACHER_VAL,
+    VAL,
+)
 from ikd_sweep.trainer import FitSettings, NonFiniteLoss, fit, seed_everything
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
@@ -272,10 +284,10 @@ def test_callback_receives_the_promised_metric_names(home, method):
     logged = {k for _, m in rec.logs for k in m}
     reported = {k for _, m, _ in rec.reports for k in m}
     assert {"train/loss", "samples_per_s"} <= logged
-    assert {"val/main", "val/accuracy", "dev/main", "dev/accuracy", "best/dev_main"} <= reported
-    assert {"sel/val_main", "sel/dev_main", "sel/step"} <= reported
+    assert {VAL, "val/accuracy", DEV, "dev/accuracy", BEST_DEV} <= reported
+    assert {SEL_VAL, SEL_DEV, SEL_STEP} <= reported
     distill = {"train/kd_loss"}
-    teacher = {"teacher/val_main", "teacher/dev_main"}
+    teacher = {TEACHER_VAL, TEACHER_DEV}
     ikd_only = {"exam/loss", "exam/hypergrad_norm", "exam/teacher_update_norm",
                 "exam/lookahead_over_real_step"}
     if method == "finetune":
@@ -293,18 +305,18 @@ def test_callback_receives_the_promised_metric_names(home, method):
     for _, m in rec.logs:
         assert all(math.isfinite(v) for v in m.values())
     assert [s for s, _, _ in rec.reports] == [4, 8, STEPS[method]]
-    assert {"final/dev_main", "final/dev_accuracy", "final/val_main", "best/dev_main"} <= (
+    assert {FINAL_DEV, "final/dev_accuracy", "final/val_main", BEST_DEV} <= (
         result.keys())
     # dev is evaluated where val/main improves (the new selection's dev score) and at the end.
     running = -math.inf
     for i, (_, m, _) in enumerate(rec.reports):
-        improved, running = m["val/main"] > running, max(running, m["val/main"])
-        assert ("dev/main" in m) == (improved or i == len(rec.reports) - 1)
+        improved, running = m[VAL] > running, max(running, m[VAL])
+        assert (DEV in m) == (improved or i == len(rec.reports) - 1)
         if method == "ikd":
-            assert ("teacher/dev_main" in m) == ("dev/main" in m)
-    assert result["best/dev_main"] == max(m["dev/main"] for _, m, _ in rec.reports
-                                          if "dev/main" in m)
-    assert result["final/dev_main"] == rec.reports[-1][1]["dev/main"]
+            assert (TEACHER_DEV in m) == (DEV in m)
+    assert result[BEST_DEV] == max(m[DEV] for _, m, _ in rec.reports
+                                          if DEV in m)
+    assert result[FINAL_DEV] == rec.reports[-1][1][DEV]
     # where the time went: shares of the loop's wall time that add up to 1, and throughput
     shares = {k.split("/")[-1]: v for k, v in result.items() if k.startswith("sys/time_share/")}
     assert set(shares) == {"course", "teacher_forward", "exam", "optimizer", "evaluation",
@@ -318,9 +330,9 @@ def test_callback_receives_the_promised_metric_names(home, method):
     assert result["sys/samples_per_s"] > 0
     assert "sys/peak_gpu_gib" not in result  # CPU: no GPU memory to report
     # the result is the evaluation with the best val/main, reported with its dev score
-    chosen = max(rec.reports, key=lambda r: r[1]["val/main"])  # max keeps the first of ties
-    assert (result["sel/step"], result["sel/val_main"], result["sel/dev_main"]) == (
-        chosen[0], chosen[1]["val/main"], chosen[1]["dev/main"])
+    chosen = max(rec.reports, key=lambda r: r[1][VAL])  # max keeps the first of ties
+    assert (result[SEL_STEP], result[SEL_VAL], result[SEL_DEV]) == (
+        chosen[0], chosen[1][VAL], chosen[1][DEV])
 
 
 def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, monkeypatch):
@@ -341,8 +353,8 @@ def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, 
     assert len(rates) == STEPS["kd"] // 2 and min(rates) > 1.0
     # the time from the trial's start to its first step (data, models, cached logits)
     first = next(m for _, m in rec.logs if "samples_per_s" in m)
-    assert first["sys/startup_s"] == result["sys/startup_s"] > 0
-    assert sum("sys/startup_s" in m for _, m in rec.logs) == 1
+    assert first[STARTUP] == result[STARTUP] > 0
+    assert sum(STARTUP in m for _, m in rec.logs) == 1
 
 
 # ----------------------------------------------------------------------------- selection
@@ -390,12 +402,12 @@ def test_the_checkpoint_is_chosen_on_val_not_on_dev(home, scripted_scores):
     rec = StepRecorder()
     scripted_scores(rec, val, dev)
     result = run_trial(sweep(), trial("finetune"), home=home, callback=rec, device=CPU)
-    assert (result["sel/step"], result["sel/val_main"], result["sel/dev_main"]) == (8, 0.70, 0.55)
-    assert result["best/dev_main"] == 0.90  # the diagnostic max over dev, chosen by nothing
-    assert result["final/dev_main"] == 0.80 and result["final/val_main"] == 0.70
-    running = [(s, m["sel/step"], m["sel/dev_main"]) for s, m, _ in rec.reports]
+    assert (result[SEL_STEP], result[SEL_VAL], result[SEL_DEV]) == (8, 0.70, 0.55)
+    assert result[BEST_DEV] == 0.90  # the diagnostic max over dev, chosen by nothing
+    assert result[FINAL_DEV] == 0.80 and result["final/val_main"] == 0.70
+    running = [(s, m[SEL_STEP], m[SEL_DEV]) for s, m, _ in rec.reports]
     assert running == [(4, 4, 0.90), (8, 8, 0.55), (12, 8, 0.55)]
-    assert [m["val/main"] for _, m, _ in rec.reports] == [0.60, 0.70, 0.70]
+    assert [m[VAL] for _, m, _ in rec.reports] == [0.60, 0.70, 0.70]
 
 
 def test_the_kept_student_is_the_selected_checkpoint_not_the_last(home, scripted_scores):
@@ -419,7 +431,7 @@ def test_the_kept_student_is_the_selected_checkpoint_not_the_last(home, scripted
     scripted_scores(rec, {4: 0.60, 8: 0.70, 12: 0.70}, {4: 0.5, 8: 0.55, 12: 0.80})
     result = run_trial(sweep(), trial("finetune"), home=home, callback=rec, device=CPU,
                        checkpoint_dir=home / "ckpt", student_dir=home / "student")
-    assert result["sel/step"] == 8
+    assert result[SEL_STEP] == 8
     for step, want in ((4, 4), (8, 8), (12, 8)):
         assert_same_tensors(rec.kept[step], {k: v for k, v in rec.now[want].items()
                                              if k in rec.kept[step]})
@@ -444,7 +456,7 @@ def test_resume_keeps_the_selection_made_before_the_interruption(home, scripted_
     scripted_scores(full, val, dev)
     expected = run_trial(cfg, trial("finetune"), home=home, callback=full,
                          checkpoint_dir=home / "full", device=CPU)
-    assert (expected["sel/step"], expected["sel/dev_main"]) == (4, 0.50)
+    assert (expected[SEL_STEP], expected[SEL_DEV]) == (4, 0.50)
 
     class Interrupting(StepRecorder, InterruptAt):
         pass
@@ -460,7 +472,7 @@ def test_resume_keeps_the_selection_made_before_the_interruption(home, scripted_
     got = run_trial(cfg, trial("finetune"), home=home, callback=resumed, checkpoint_dir=ckpt,
                     resume_from=ckpt, device=CPU)
     assert [s for s, _, _ in resumed.reports] == [12]  # step 4 was not evaluated again ...
-    assert resumed.reports[0][1]["sel/step"] == 4  # ... yet it is still the selected one
+    assert resumed.reports[0][1][SEL_STEP] == 4  # ... yet it is still the selected one
     assert {k: v for k, v in got.items() if k.startswith(("sel/", "best/", "final/"))} == {
         k: v for k, v in expected.items() if k.startswith(("sel/", "best/", "final/"))}
     assert timeless(got) == timeless(expected)
@@ -570,9 +582,9 @@ def test_teacher_lr_zero_control_runs_the_exams_but_never_moves_the_teacher(
                                  strict=True):
         assert torch.equal(bits(a), bits(b)), name
     # so the teacher scores it reports never change from the cached teacher's
-    assert {m["teacher/dev_main"] for _, m, _ in rec.reports if "teacher/dev_main" in m} == {
+    assert {m[TEACHER_DEV] for _, m, _ in rec.reports if TEACHER_DEV in m} == {
         result["teacher/initial_dev_main"]}
-    assert {m["teacher/val_main"] for _, m, _ in rec.reports} == {
+    assert {m[TEACHER_VAL] for _, m, _ in rec.reports} == {
         result["teacher/initial_val_main"]}
 
 
@@ -585,7 +597,7 @@ def test_each_estimator_runs_a_short_ikd_trial(home, exam_calls, loaded_teachers
     rec = Recorder()
     result = run_trial(cfg, trial("ikd"), home=home, callback=rec, device=CPU)
     assert result["steps"] == 4 and len(exam_calls) == 2
-    assert math.isfinite(result["final/dev_main"])
+    assert math.isfinite(result[FINAL_DEV])
     assert math.isfinite(result["final/teacher_dev_main"])
     exam = [m["exam/loss"] for _, m in rec.logs if "exam/loss" in m]
     assert exam and all(math.isfinite(v) and v > 0 for v in exam)
