@@ -183,7 +183,7 @@ def _fine_tune(cfg: SweepConfig, task: str, seed: int, home: Path, out: Path,
                   pad_id=tokenizer.pad_token_id or 0)
     # The saved (final) model's scores: what every kd/ikd trial of this seed starts from.
     scores = {f"{name}/{k}": v for name, split in (("val", data.val), ("dev", data.dev))
-              for k, v in evaluate(model, split, data.task, dev, settings.eval_batch_size,
+              for k, v in evaluate(model, split, data.task, dev, settings.train.eval_batch_size,
                                    tokenizer.pad_token_id or 0).items()}
     with atomic_path(out) as tmp:  # a crash leaves no half-written teacher behind
         model.save_pretrained(tmp)

@@ -640,8 +640,9 @@ def ikd_fit(cfg: SweepConfig, home: Path, teacher: torch.nn.Module, **settings):
     seed_everything(3)
     student = build_model(cfg.student, 2)
     s = FitSettings.for_trial(cfg, trial("ikd"))
-    for k, v in settings.items():
-        setattr(s, k, v)
+    for k, v in settings.items():  # a field of the train or ikd section, or of FitSettings
+        section = next((x for x in (s.train, s.ikd) if k in type(x).model_fields), s)
+        setattr(section, k, v)
     rec = Recorder()
     fit(s, data.task, data, student, teacher=teacher, device=torch.device(CPU), callback=rec)
     return student, data, s, rec
@@ -681,7 +682,7 @@ def test_ikd_round_order_and_which_teacher_gives_the_targets(home, monkeypatch, 
 
     # Each student step's gradient is the course gradient on the targets of the teacher as it
     # was at that moment: the old teacher (student_first) or the just-updated one (teacher_first).
-    rows = trainer.batch_order(data.train, s.batch_size, s.seed * 1000)
+    rows = trainer.batch_order(data.train, s.train.batch_size, s.seed * 1000)
     student_steps = [e for e in events if e[0] == "student"]
     if order == "student_first":  # the alternative: the teacher after that round's update
         others = [e[1] for e in student_steps[1:]] + [params(teacher)]
@@ -708,7 +709,7 @@ def replay_course_grad(student, s_state, teacher, t_state, batch, s: FitSettings
         t_logits = tch(**model_inputs(batch)).logits
     out = stu(**model_inputs(batch))
     loss = step_module.course_loss(out.logits, t_logits, batch["labels"],
-                               temperature=s.temperature, alpha=s.alpha)
+                               temperature=s.temperature, alpha=s.train.alpha)
     return torch.autograd.grad(loss, list(stu.parameters()))
 
 
@@ -749,8 +750,8 @@ def test_teacher_step_is_unit_norm_feedback_on_the_chosen_schedule(schedule, ce_
     seed_everything(0)
     teacher, student = build_model(cfg.teacher, 2), build_model(cfg.student, 2)
     s = FitSettings.for_trial(cfg, trial("ikd"))
-    s.teacher_schedule, s.teacher_ce_weight, s.warmup_ratio = schedule, ce_weight, 0.5
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
+    s.ikd.teacher_schedule, s.ikd.teacher_ce_weight, s.train.warmup_ratio = schedule, ce_weight, 0.5
+    opt = torch.optim.AdamW(student.parameters(), lr=s.train.lr)
     sched = trainer.get_linear_schedule_with_warmup(opt, 2, 4)  # lr factor 0, .5, 1, .5
     t_opt = torch.optim.AdamW(teacher.parameters(), lr=s.teacher_lr, weight_decay=0.0)
     seen: list[tuple[float, float]] = []  # (teacher lr, norm of the gradient it steps on)
@@ -783,8 +784,8 @@ def test_compile_is_ignored_on_cpu_with_one_message(caplog):
     seed_everything(0)
     student = build_model(cfg.student, 2)
     s = FitSettings.for_trial(cfg, trial("finetune"))
-    assert s.compile
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
+    assert s.train.compile
+    opt = torch.optim.AdamW(student.parameters(), lr=s.train.lr)
     sched = trainer.get_linear_schedule_with_warmup(opt, 0, 4)
     with caplog.at_level("WARNING", logger="ikd_sweep.step"):
         step = trainer.TrainStep(s, student, opt, sched, torch.device(CPU))
