@@ -5,9 +5,11 @@
     <home>/lost-metrics/        metrics the store refused, kept for a later run to replay
     <home>/cache/data/          tokenized splits
     <home>/cache/teachers/KEY/  a fine-tuned teacher (and its cached train logits)
-    <home>/ray/SWEEP/           Ray Tune's storage of a sweep (resume), SWEEP.session.json
+    <home>/ray/SWEEP/[PART/]    Ray Tune's storage of a sweep (resume), SWEEP.session.json
     <home>/students/SWEEP/ID/   a trial's selected student until the driver records it
     <home>/single/SWEEP/ID/     `ikd-sweep train`'s run folder
+    <home>/locks/SWEEP.lock     held by the one `run` of a sweep
+    <home>/reports/NAME/        `ikd-sweep report`'s default output
 
 Standard library only: the trainer's assembly, Ray workers and the CLI all read it.
 """
@@ -64,9 +66,11 @@ class Home:
     def teacher(self, key: str) -> Path:
         return self.root / "cache" / "teachers" / key
 
-    def ray(self, sweep: str) -> Path:
-        """Ray Tune's storage of a sweep (its phases are folders below it)."""
-        return self.root / "ray" / sweep
+    def ray(self, sweep: str, part: str | None = None) -> Path:
+        """Ray Tune's storage of a sweep: its search experiment, and below it each `part` (an
+        optuna study's name, or names.CONFIRM for the confirmation runs)."""
+        folder = self.root / "ray" / sweep
+        return folder if part is None else folder / part
 
     def session_record(self, sweep: str) -> Path:
         return self.root / "ray" / f"{sweep}.session.json"
@@ -81,3 +85,10 @@ class Home:
     def single(self, sweep: str, trial_id: str) -> Path:
         """`ikd-sweep train`'s folder of one trial."""
         return self.root / "single" / sweep / trial_id
+
+    def lock(self, sweep: str) -> Path:
+        return self.root / "locks" / f"{sweep}.lock"
+
+    def report(self, name: str) -> Path:
+        """`ikd-sweep report`'s default folder (`name`: the sweep's name, made path-safe)."""
+        return self.root / "reports" / name

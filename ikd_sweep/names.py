@@ -38,9 +38,13 @@ METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The teacher_lr of the control: a teacher that never moves (not the end of a range).
+CONTROL_TEACHER_LR = 0.0
+
+
 def is_control(method: str, teacher_lr: float | None) -> bool:
-    """The control rule: an ikd trial whose teacher_lr is 0."""
-    return method == "ikd" and teacher_lr == 0
+    """The control rule: an ikd trial whose teacher_lr is CONTROL_TEACHER_LR."""
+    return method == "ikd" and teacher_lr == CONTROL_TEACHER_LR
 
 
 def method_label(method: str, teacher_lr: float | None) -> str:

@@ -110,17 +110,14 @@ class _EpochProgress:
     """Trainer callback of a teacher's fit: one `progress` call per evaluation (epoch end)."""
 
     def __init__(self, progress: Callable[[dict[str, Any]], None], task: str, seed: int,
-                 epochs: float, inner: Callback | None) -> None:
-        self.progress, self.inner = progress, inner
+                 epochs: float) -> None:
+        self.progress = progress
         self.info = {"task": task, "seed": int(seed), "epochs": math.ceil(epochs)}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.inner is not None:
-            self.inner.log(metrics, step)
+        pass
 
     def report(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
-        if self.inner is not None:
-            self.inner.report(metrics, step, checkpoint)
         self.progress({**self.info, "epoch": math.ceil(metrics.get("epoch", 0) - 1e-9),
                        "dev_main": float(metrics[DEV])})
 
@@ -130,7 +127,7 @@ def _failure_marker(out: Path) -> Path:
 
 
 def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
-                   device: str | None = None, callback: Callback | None = None,
+                   device: str | None = None,
                    progress: Callable[[dict[str, Any]], None] | None = None,
                    attempt: str | None = None) -> Path:
     """The folder of the fine-tuned teacher for (task, seed), training it if not cached.
@@ -154,9 +151,8 @@ def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
                 raise TeacherFailed(f"teacher of {task} seed {seed} failed in this run: "
                                     f"{failed.get('error', 'unknown error')}")
         try:
-            _fine_tune(cfg, task, seed, home, out, device,
-                       callback if progress is None else _EpochProgress(
-                           progress, task, seed, cfg.teacher.epochs, callback))
+            _fine_tune(cfg, task, seed, home, out, device, None if progress is None else
+                       _EpochProgress(progress, task, seed, cfg.teacher.epochs))
         except Exception as e:
             if attempt is not None:
                 try:

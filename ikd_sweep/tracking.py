@@ -198,10 +198,10 @@ class SweepTracker:
 
     # -- sweep (parent) runs ------------------------------------------------------------------
 
-    def start_sweep(self, sweep_name: str, config: dict[str, Any],
-                    trials: list[dict[str, Any]] | None = None, *, restart: bool = False) -> str:
+    def start_sweep(self, sweep_name: str, config: dict[str, Any], *,
+                    restart: bool = False) -> str:
         """Get (or, with ``restart``, replace) the sweep's parent run and set it RUNNING;
-        records ``config`` and, when given, the expected ``trials``. Returns its run id."""
+        records ``config`` (the expected trials: `set_expected_trials`). Returns its run id."""
         client = self.client
         parents = [r for r in self._search(f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
                    if r.data.tags.get(TAG.SWEEP) == sweep_name
@@ -217,8 +217,6 @@ class SweepTracker:
             run_id = client.create_run(self.experiment_id, tags=tags, run_name=sweep_name
                                        ).info.run_id
         client.log_dict(run_id, _jsonable(config), "sweep.json")
-        if trials is not None:
-            self.set_expected_trials(run_id, trials)
         return run_id
 
     def set_expected_trials(self, parent_run_id: str, trials: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ from ikd_sweep.errors import UserError
 from ikd_sweep.names import (
     CONFIRM,
     CONTROL,
+    CONTROL_TEACHER_LR,
     HPARAMS,
     METHOD_HPARAMS,
     METHODS,
@@ -102,7 +103,7 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
         return [dict(zip(used, p, strict=True))
                 for p in itertools.product(*(getattr(s, h) for h in used))]
     # teacher_lr 0 is the control (a teacher that never moves), not the end of a range.
-    moving_lrs = [lr for lr in s.teacher_lr if lr > 0]
+    moving_lrs = [lr for lr in s.teacher_lr if lr != CONTROL_TEACHER_LR]
 
     def draw(h: str) -> float | int:  # random search: the range a list spans
         values = moving_lrs if h == "teacher_lr" else getattr(s, h)
@@ -120,8 +121,8 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
         if "teacher_lr" in used:
             if moving_lrs:
                 points.append(tuple(p.items()))
-            if 0 in s.teacher_lr:  # the control, paired with the same other hyperparameters
-                points.append(tuple({**p, "teacher_lr": 0.0}.items()))
+            if CONTROL_TEACHER_LR in s.teacher_lr:  # the control, with the same other values
+                points.append(tuple({**p, "teacher_lr": CONTROL_TEACHER_LR}.items()))
         else:
             points.append(tuple(p.items()))
     return [dict(p) for p in dict.fromkeys(points)]  # a repeated draw is one trial, not two
@@ -159,7 +160,8 @@ def _optuna_spaces(cfg: SweepConfig, method: str) -> list[Study]:
     s = cfg.search
     used = METHOD_HPARAMS[method]
     # The control (teacher_lr 0) is not the end of a range: it gets a search of its own.
-    lr_lists = [[lr for lr in s.teacher_lr if lr > 0], [0.0] if 0 in s.teacher_lr else []]
+    lr_lists = [[lr for lr in s.teacher_lr if lr != CONTROL_TEACHER_LR],
+                [CONTROL_TEACHER_LR] if CONTROL_TEACHER_LR in s.teacher_lr else []]
     studies = []
     for lrs in [v for v in lr_lists if v] if "teacher_lr" in used else [None]:
         ranges, fixed = [], []

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import migrated_store
+from helpers import migrated_store, start_sweep
 from scipy import stats
 
 from analysis import render
@@ -34,6 +34,7 @@ from ikd_sweep.names import (
     TEACHER_DEV,
     VAL,
 )
+from ikd_sweep.store import TAG
 from ikd_sweep.tracking import SweepTracker
 
 SEEDS = (1, 2, 3)
@@ -113,7 +114,7 @@ def run_trial(
         "train": {"lr": 3e-5, "alpha": 0.5},
         "ikd": {"estimator": "exact"},
     }
-    tags = {"ikd.phase": trial["phase"]} if tag_phase else {}
+    tags = {TAG.PHASE: trial["phase"]} if tag_phase else {}
     run_id = tracker.trial_run(parent, trial["trial_id"], tags=tags, params=params)
     vals = [val - 0.02, val, val - 0.01]
     devs = [dev + 0.03, dev, dev - 0.01]
@@ -162,7 +163,7 @@ def glue_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         for (task, method, temp) in CONFIRMED
         for seed in CONFIRM_SEEDS
     ]
-    parent = tracker.start_sweep("glue_demo", {"name": "glue_demo"}, trials)
+    parent = start_sweep(tracker, "glue_demo", {"name": "glue_demo"}, trials)
     for (task, method, temp), (vals, devs) in SCORES.items():
         for seed, val, dev in zip(SEEDS, vals, devs, strict=True):
             run_trial(tracker, parent, trial_dict(task, method, temp, seed), val, dev)
@@ -447,7 +448,7 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
         ("ikd", 1.0, 3, None, 0.0),
     ]
     trials = [trial_dict("cola", m, t, s) for m, t, s, _, _ in plan]
-    parent = tracker.start_sweep("messy", {}, trials)
+    parent = start_sweep(tracker, "messy", {}, trials)
     for (method, temp, seed, status, val), trial in zip(plan, trials, strict=True):
         assert trial["seed"] == seed and trial["method"] == method and trial["temperature"] == temp
         if status is not None:
@@ -455,19 +456,9 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
             run_trial(tracker, parent, trial, val, val - 0.1, status=status, error=error)
 
     time.sleep(0.05)  # distinct start times: the newest sweep must be unambiguous
-    # A run recorded before the val split: it finished, but has dev scores only.
-    old = new_tracker(tmp_path_factory, Path(tracker.home), "old")
-    trial = trial_dict("cola", "kd", 1.0, 1)
-    parent = old.start_sweep("old", {}, [trial])
-    run_id = old.trial_run(parent, trial["trial_id"], tags={}, params=trial)
-    old.log_metrics(run_id, {DEV: 0.7, BEST_DEV: 0.7}, 10)
-    old.finish_trial(run_id, "FINISHED", final_metrics={FINAL_DEV: 0.7})
-    old.end_sweep(parent, "FINISHED")
-
-    time.sleep(0.05)
     failing = new_tracker(tmp_path_factory, Path(tracker.home), "broken")
     trials = [trial_dict("cola", "kd", 1.0, s) for s in (1, 2)]
-    parent = failing.start_sweep("broken", {}, trials)
+    parent = start_sweep(failing, "broken", {}, trials)
     for trial in trials:
         run_trial(failing, parent, trial, 0.5, 0.4, status="FAILED", error="ValueError: bad config")
     return tracker.tracking_uri
@@ -554,16 +545,13 @@ def test_only_failed_runs_raise(messy_store: str) -> None:
     message = str(info.value)
     assert "'broken'" in message and "FAILED=2" in message and "bad config" in message
     assert info.value.counts == {"FAILED": 2}
-    # Finished, but nothing to select on: dev scores alone are not used to choose.
-    with pytest.raises(NoFinishedRuns, match="no runs with a validation score.*sel/val_main"):
-        make_report("old", messy_store)
 
 
 def test_latest_sweep_and_lookup_errors(
     messy_store: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     assert collect(None, messy_store).sweep == "broken"
-    with pytest.raises(LookupError, match="known sweeps: broken, old, messy"):
+    with pytest.raises(LookupError, match="known sweeps: broken, messy"):
         collect("nope", messy_store)
     empty = new_tracker(tmp_path_factory, tmp_path / "empty", "x")
     assert empty.experiment_id
@@ -571,20 +559,17 @@ def test_latest_sweep_and_lookup_errors(
         collect(None, empty.tracking_uri)
 
 
+def two_kd_runs(task: str) -> pd.DataFrame:
+    """Two finished kd seeds of `task`: nothing but the columns a report needs."""
+    return pd.DataFrame({"run_id": ["a", "b"], "trial_id": ["t1", "t2"], "task": [task, task],
+                         "method": ["kd", "kd"], "seed": [1, 2],
+                         "status": ["FINISHED", "FINISHED"], "sel_val_main": [0.55, 0.75],
+                         "sel_dev_main": [0.5, 0.7]})
+
+
 def test_tables_without_expected_or_columns() -> None:
     # Pure-pandas input with nothing but the essentials: no expected trials, no hparam columns.
-    runs = pd.DataFrame(
-        {
-            "run_id": ["a", "b"],
-            "trial_id": ["t1", "t2"],
-            "task": ["sst2", "sst2"],
-            "method": ["kd", "kd"],
-            "seed": [1, 2],
-            "status": ["FINISHED", "FINISHED"],
-            "sel_val_main": [0.55, 0.75],
-            "sel_dev_main": [0.5, 0.7],
-        }
-    )
+    runs = two_kd_runs("sst2")
     report = build_report(runs, pd.DataFrame(), "plain")
     row = report.selected.iloc[0]
     assert row["mean"] == pytest.approx(0.6) and not row["incomplete"]
@@ -597,18 +582,7 @@ def test_tables_without_expected_or_columns() -> None:
 
 def test_latex_escapes_names() -> None:
     # A task and a sweep named with LaTeX's special characters must print as typed.
-    runs = pd.DataFrame(
-        {
-            "run_id": ["a", "b"],
-            "trial_id": ["t1", "t2"],
-            "task": ["my_task&co", "my_task&co"],
-            "method": ["kd", "kd"],
-            "seed": [1, 2],
-            "status": ["FINISHED", "FINISHED"],
-            "sel_val_main": [0.55, 0.75],
-            "sel_dev_main": [0.5, 0.7],
-        }
-    )
+    runs = two_kd_runs("my_task&co")
     tex = render.to_latex(build_report(runs, None, "50%_sweep#1"))
     assert "my\\_task\\&co & 60.00 ± 14.14 (2) \\\\" in tex
     assert "sweep 50\\%\\_sweep\\#1" in tex

@@ -7,7 +7,7 @@ import io
 from types import SimpleNamespace
 
 import pytest
-from helpers import SHARED_TRIALS, end_to_end, migrated_store, runs_of
+from helpers import SHARED_TRIALS, end_to_end, migrated_store, runs_of, start_sweep
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -30,7 +30,7 @@ def test_status_counts_trials_and_shows_the_best_selected_score(tmp_path, tmp_pa
                                                                 monkeypatch):
     home = tmp_path / "runs"
     tracker = SweepTracker(migrated_store(tmp_path_factory, home), "watched")
-    parent = tracker.start_sweep("watched", {"name": "watched"}, trials=EXPECTED)
+    parent = start_sweep(tracker, "watched", {"name": "watched"}, EXPECTED)
 
     def run(t: dict) -> str:
         return tracker.trial_run(parent, t["trial_id"], tags={}, params=t)

@@ -38,6 +38,7 @@ from helpers import CLI, ROOT, free_port, merge, needs_glue
 from helpers import sweep_file as tiny_sweep_file
 
 from ikd_sweep.names import DEV, FINAL_DEV, VAL
+from ikd_sweep.store import ROLE_SWEEP, ROLE_TRIAL, TAG
 
 RAY = str(Path(sys.executable).with_name("ray"))
 PG_USER, PG_PASSWORD, PG_DB = "ikd", "ikd-test-pw", "mlflow"
@@ -318,8 +319,8 @@ def runs_of(client, sweep: str) -> tuple[list, list]:
     exp = client.get_experiment_by_name(sweep)
     assert exp is not None, f"no experiment {sweep!r} on the server"
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("ikd.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("ikd.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_SWEEP]
+    children = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_TRIAL]
     return parents, children
 
 
@@ -352,13 +353,13 @@ def test_sweep_on_ray_cluster_records_through_mlflow_server_on_postgres(
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent_id = parents[0].info.run_id
     assert len(children) == 3
-    assert sorted(c.data.tags["ikd.trial_id"] for c in children) == sorted(
-        {c.data.tags["ikd.trial_id"] for c in children})
-    assert sorted(c.data.tags["ikd.method"] for c in children) == ["finetune", "kd", "kd"]
+    assert sorted(c.data.tags[TAG.TRIAL_ID] for c in children) == sorted(
+        {c.data.tags[TAG.TRIAL_ID] for c in children})
+    assert sorted(c.data.tags[TAG.METHOD] for c in children) == ["finetune", "kd", "kd"]
     dl = tmp_path / "downloads"
     for c in children:
         run_id = c.info.run_id
-        assert c.info.status == "FINISHED", c.data.tags.get("ikd.error")
+        assert c.info.status == "FINISHED", c.data.tags.get(TAG.ERROR)
         assert c.data.tags["mlflow.parentRunId"] == parent_id
         assert c.data.params["task"] == "wnli" and c.data.params["method"] in ("finetune", "kd")
         assert c.data.params["train.lr"] == "0.001"
@@ -377,7 +378,7 @@ def test_sweep_on_ray_cluster_records_through_mlflow_server_on_postgres(
                                                         str(dl / run_id))).read_text())
         final = json.loads(Path(client.download_artifacts(run_id, "final_metrics.json",
                                                           str(dl / run_id))).read_text())
-        assert cfg["trial_id"] == c.data.tags["ikd.trial_id"] and cfg["sweep"] == "scaleout"
+        assert cfg["trial_id"] == c.data.tags[TAG.TRIAL_ID] and cfg["sweep"] == "scaleout"
         assert final[FINAL_DEV] == pytest.approx(c.data.metrics[FINAL_DEV])
     stored = list((mlflow_server.artifacts).rglob("final_metrics.json"))
     assert len(stored) == 3, stored
@@ -485,12 +486,12 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
 
     parents, children = runs_of(client, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    ids = [c.data.tags["ikd.trial_id"] for c in children]
+    ids = [c.data.tags[TAG.TRIAL_ID] for c in children]
     assert len(ids) == len(set(ids)) == n_trials, ids  # exactly one run per trial
 
     summary, during_outage, delivered_during, lost_total = [], 0, 0, 0
     for c in sorted(children, key=lambda r: r.info.start_time):
-        run_id, trial_id = c.info.run_id, c.data.tags["ikd.trial_id"]
+        run_id, trial_id = c.info.run_id, c.data.tags[TAG.TRIAL_ID]
         lost = _lost_records(home, run_id)
         finish_record = home / "lost-metrics" / f"{run_id}.finish.json"
         lost_steps: dict[str, set[int]] = {}

@@ -27,6 +27,7 @@ from helpers import (
 )
 
 from ikd_sweep.names import DEV, FINAL_DEV, TEACHER_DEV, VAL
+from ikd_sweep.store import TAG
 
 pytestmark = [pytest.mark.slow, needs_glue]
 N_TRIALS = SHARED_TRIALS["search"] + SHARED_TRIALS["confirm"]
@@ -40,7 +41,7 @@ def test_sweep_records_one_parent_and_every_trial(finished_sweep):
     # 2 tasks x (finetune + kd x 2 temperatures + ikd x 2 temperatures) x search seed 1, then
     # 2 tasks x 3 selected settings x confirmation seed 2
     assert len(children) == N_TRIALS
-    assert len({c.data.tags["ikd.trial_id"] for c in children}) == N_TRIALS
+    assert len({c.data.tags[TAG.TRIAL_ID] for c in children}) == N_TRIALS
     client = store(home)
     for c in children:
         assert c.info.status == "FINISHED"
@@ -50,7 +51,7 @@ def test_sweep_records_one_parent_and_every_trial(finished_sweep):
         hist = client.get_metric_history(c.info.run_id, DEV)
         assert len(hist) >= 2 and len({h.step for h in hist}) == len(hist)
         assert FINAL_DEV in c.data.metrics
-        if c.data.tags["ikd.method"] == "ikd":
+        if c.data.tags[TAG.METHOD] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
             assert TEACHER_DEV in c.data.metrics
     # teachers were fine-tuned once per (task, seed), inside the first trial that needed one
@@ -65,7 +66,7 @@ def test_store_is_written_by_the_driver_only(finished_sweep):
     _, children = runs_of(home, finished_sweep.name)
     client = store(home)
     for c in children:
-        assert c.info.status == "FINISHED", c.data.tags.get("ikd.error")
+        assert c.info.status == "FINISHED", c.data.tags.get(TAG.ERROR)
         total = int(c.data.metrics["steps"])
         hist = {key: {m.step for m in client.get_metric_history(c.info.run_id, key)}
                 for key in ("train/loss", VAL)}
@@ -74,7 +75,7 @@ def test_store_is_written_by_the_driver_only(finished_sweep):
         assert hist["train/loss"] == set(range(4, total + 1, 4)) | evals
         assert hist[VAL] == evals
         assert FINAL_DEV in c.data.metrics
-        if c.data.tags["ikd.method"] == "ikd":
+        if c.data.tags[TAG.METHOD] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
     assert not (home / "lost-metrics").exists()
 
@@ -89,9 +90,9 @@ def test_confirmation_phase_runs_the_selected_settings_once(finished_sweep):
     words = " ".join(p.stdout.split())  # the summary table may wrap its title
     assert "selected setting" in words and "(n=" in words, p.stdout  # the report's numbers
     parents, children = runs_of(home, finished_sweep.name)
-    phase = {c.data.tags["ikd.trial_id"]: c.data.tags["ikd.phase"] for c in children}
-    confirm = [c for c in children if phase[c.data.tags["ikd.trial_id"]] == "confirm"]
-    assert sorted((c.data.params["task"], c.data.tags["ikd.method"], int(c.data.tags["ikd.seed"]))
+    phase = {c.data.tags[TAG.TRIAL_ID]: c.data.tags[TAG.PHASE] for c in children}
+    confirm = [c for c in children if phase[c.data.tags[TAG.TRIAL_ID]] == "confirm"]
+    assert sorted((c.data.params["task"], c.data.tags[TAG.METHOD], int(c.data.tags[TAG.SEED]))
                   for c in confirm) == [(task, method, 2) for task in ("rte", "stsb")
                                         for method in ("finetune", "ikd", "kd")]
     # The setting is the one the report selects from the search runs.
@@ -100,7 +101,7 @@ def test_confirmation_phase_runs_the_selected_settings_once(finished_sweep):
     selected = build_report(search, runs.expected[runs.expected["trial_id"].map(phase).eq(
         "search")]).selected.set_index(["task", "method"])
     for c in confirm:
-        want = selected.at[(c.data.params["task"], c.data.tags["ikd.method"]), "temperature"]
+        want = selected.at[(c.data.params["task"], c.data.tags[TAG.METHOD]), "temperature"]
         got = c.data.params.get("temperature")
         assert (got is None and want != want) or float(got) == want, (got, want)
     # The parent's list of expected trials holds both phases.
@@ -143,7 +144,7 @@ def wait_finished(proc, home: Path, sweep: str, log: Path, at_least: int) -> dic
                 _, children = runs_of(home, sweep)
             except Exception:  # the store is still being created
                 continue
-            done = {c.data.tags["ikd.trial_id"]: c.info.end_time
+            done = {c.data.tags[TAG.TRIAL_ID]: c.info.end_time
                     for c in children if c.info.status == "FINISHED"}
             if len(done) >= at_least:
                 return done
@@ -162,17 +163,17 @@ def killed_sweep(tmp_path: Path, name: str) -> Path:
 
 
 def finished_trials(home: Path, sweep: str) -> dict[str, int]:
-    return {c.data.tags["ikd.trial_id"]: c.info.end_time for c in runs_of(home, sweep)[1]
+    return {c.data.tags[TAG.TRIAL_ID]: c.info.end_time for c in runs_of(home, sweep)[1]
             if c.info.status == "FINISHED"}
 
 
 def assert_resumed_once(home: Path, sweep: str, before: dict[str, int]) -> None:
     parents, children = runs_of(home, sweep)
     assert len(parents) == 1
-    ids = [c.data.tags["ikd.trial_id"] for c in children]
+    ids = [c.data.tags[TAG.TRIAL_ID] for c in children]
     assert len(ids) == len(set(ids)) == KILLED_TRIALS  # one run each
     assert all(c.info.status == "FINISHED" for c in children)
-    after = {c.data.tags["ikd.trial_id"]: c.info.end_time for c in children}
+    after = {c.data.tags[TAG.TRIAL_ID]: c.info.end_time for c in children}
     for trial_id, end in before.items():
         assert after[trial_id] == end, f"{trial_id} was run again after the resume"
 

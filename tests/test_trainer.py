@@ -21,26 +21,14 @@ from helpers import merge, needs_glue, tiny_spec
 from helpers import sweep_raw as tiny_sweep
 from typer.testing import CliRunner
 
+from ikd_sweep import names, trainer
 from ikd_sweep import step as step_module
 from ikd_sweep import teacher as teacher_cache
-from ikd_sweep import trainer
 from ikd_sweep import trial as trial_module
 from ikd_sweep.cli import app
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import prepare_data
 from ikd_sweep.models import build_model, load_tokenizer, model_inputs
-from ikd_sweep.names import (
-    BEST_DEV,
-    DEV,
-    FINAL_DEV,
-    SEL_DEV,
-    SEL_STEP,
-    SEL_VAL,
-    STARTUP,
-    TEACHER_DEV,
-    TEACHER_VAL,
-    VAL,
-)
 from ikd_sweep.trainer import FitSettings, NonFiniteLoss, fit, seed_everything
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
@@ -284,10 +272,10 @@ def test_callback_receives_the_promised_metric_names(home, method):
     logged = {k for _, m in rec.logs for k in m}
     reported = {k for _, m, _ in rec.reports for k in m}
     assert {"train/loss", "samples_per_s"} <= logged
-    assert {VAL, "val/accuracy", DEV, "dev/accuracy", BEST_DEV} <= reported
-    assert {SEL_VAL, SEL_DEV, SEL_STEP} <= reported
+    assert {names.VAL, "val/accuracy", names.DEV, "dev/accuracy", names.BEST_DEV} <= reported
+    assert {names.SEL_VAL, names.SEL_DEV, names.SEL_STEP} <= reported
     distill = {"train/kd_loss"}
-    teacher = {TEACHER_VAL, TEACHER_DEV}
+    teacher = {names.TEACHER_VAL, names.TEACHER_DEV}
     ikd_only = {"exam/loss", "exam/hypergrad_norm", "exam/teacher_update_norm",
                 "exam/lookahead_over_real_step"}
     if method == "finetune":
@@ -305,18 +293,18 @@ def test_callback_receives_the_promised_metric_names(home, method):
     for _, m in rec.logs:
         assert all(math.isfinite(v) for v in m.values())
     assert [s for s, _, _ in rec.reports] == [4, 8, STEPS[method]]
-    assert {FINAL_DEV, "final/dev_accuracy", "final/val_main", BEST_DEV} <= (
+    assert {names.FINAL_DEV, "final/dev_accuracy", "final/val_main", names.BEST_DEV} <= (
         result.keys())
     # dev is evaluated where val/main improves (the new selection's dev score) and at the end.
     running = -math.inf
     for i, (_, m, _) in enumerate(rec.reports):
-        improved, running = m[VAL] > running, max(running, m[VAL])
-        assert (DEV in m) == (improved or i == len(rec.reports) - 1)
+        improved, running = m[names.VAL] > running, max(running, m[names.VAL])
+        assert (names.DEV in m) == (improved or i == len(rec.reports) - 1)
         if method == "ikd":
-            assert (TEACHER_DEV in m) == (DEV in m)
-    assert result[BEST_DEV] == max(m[DEV] for _, m, _ in rec.reports
-                                          if DEV in m)
-    assert result[FINAL_DEV] == rec.reports[-1][1][DEV]
+            assert (names.TEACHER_DEV in m) == (names.DEV in m)
+    assert result[names.BEST_DEV] == max(m[names.DEV] for _, m, _ in rec.reports
+                                          if names.DEV in m)
+    assert result[names.FINAL_DEV] == rec.reports[-1][1][names.DEV]
     # where the time went: shares of the loop's wall time that add up to 1, and throughput
     shares = {k.split("/")[-1]: v for k, v in result.items() if k.startswith("sys/time_share/")}
     assert set(shares) == {"course", "teacher_forward", "exam", "optimizer", "evaluation",
@@ -330,9 +318,9 @@ def test_callback_receives_the_promised_metric_names(home, method):
     assert result["sys/samples_per_s"] > 0
     assert "sys/peak_gpu_gib" not in result  # CPU: no GPU memory to report
     # the result is the evaluation with the best val/main, reported with its dev score
-    chosen = max(rec.reports, key=lambda r: r[1][VAL])  # max keeps the first of ties
-    assert (result[SEL_STEP], result[SEL_VAL], result[SEL_DEV]) == (
-        chosen[0], chosen[1][VAL], chosen[1][DEV])
+    chosen = max(rec.reports, key=lambda r: r[1][names.VAL])  # max keeps the first of ties
+    assert (result[names.SEL_STEP], result[names.SEL_VAL], result[names.SEL_DEV]) == (
+        chosen[0], chosen[1][names.VAL], chosen[1][names.DEV])
 
 
 def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, monkeypatch):
@@ -353,8 +341,8 @@ def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, 
     assert len(rates) == STEPS["kd"] // 2 and min(rates) > 1.0
     # the time from the trial's start to its first step (data, models, cached logits)
     first = next(m for _, m in rec.logs if "samples_per_s" in m)
-    assert first[STARTUP] == result[STARTUP] > 0
-    assert sum(STARTUP in m for _, m in rec.logs) == 1
+    assert first[names.STARTUP] == result[names.STARTUP] > 0
+    assert sum(names.STARTUP in m for _, m in rec.logs) == 1
 
 
 # ----------------------------------------------------------------------------- selection
@@ -402,12 +390,12 @@ def test_the_checkpoint_is_chosen_on_val_not_on_dev(home, scripted_scores):
     rec = StepRecorder()
     scripted_scores(rec, val, dev)
     result = run_trial(sweep(), trial("finetune"), home=home, callback=rec, device=CPU)
-    assert (result[SEL_STEP], result[SEL_VAL], result[SEL_DEV]) == (8, 0.70, 0.55)
-    assert result[BEST_DEV] == 0.90  # the diagnostic max over dev, chosen by nothing
-    assert result[FINAL_DEV] == 0.80 and result["final/val_main"] == 0.70
-    running = [(s, m[SEL_STEP], m[SEL_DEV]) for s, m, _ in rec.reports]
+    assert (result[names.SEL_STEP], result[names.SEL_VAL], result[names.SEL_DEV]) == (8, 0.70, 0.55)
+    assert result[names.BEST_DEV] == 0.90  # the diagnostic max over dev, chosen by nothing
+    assert result[names.FINAL_DEV] == 0.80 and result["final/val_main"] == 0.70
+    running = [(s, m[names.SEL_STEP], m[names.SEL_DEV]) for s, m, _ in rec.reports]
     assert running == [(4, 4, 0.90), (8, 8, 0.55), (12, 8, 0.55)]
-    assert [m[VAL] for _, m, _ in rec.reports] == [0.60, 0.70, 0.70]
+    assert [m[names.VAL] for _, m, _ in rec.reports] == [0.60, 0.70, 0.70]
 
 
 def test_the_kept_student_is_the_selected_checkpoint_not_the_last(home, scripted_scores):
@@ -431,14 +419,14 @@ def test_the_kept_student_is_the_selected_checkpoint_not_the_last(home, scripted
     scripted_scores(rec, {4: 0.60, 8: 0.70, 12: 0.70}, {4: 0.5, 8: 0.55, 12: 0.80})
     result = run_trial(sweep(), trial("finetune"), home=home, callback=rec, device=CPU,
                        checkpoint_dir=home / "ckpt", student_dir=home / "student")
-    assert result[SEL_STEP] == 8
+    assert result[names.SEL_STEP] == 8
     for step, want in ((4, 4), (8, 8), (12, 8)):
         assert_same_tensors(rec.kept[step], {k: v for k, v in rec.now[want].items()
                                              if k in rec.kept[step]})
     assert any(not torch.equal(rec.kept[12][k], rec.now[12][k]) for k in rec.kept[12])
     # A Hugging Face folder with the tokenizer and a model card; nothing half-written beside it.
-    names = {p.name for p in (home / "student").iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= names
+    files = {p.name for p in (home / "student").iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= files
     card = (home / "student" / "README.md").read_text()
     for fact in ("| task | rte |", "| method | finetune |", "| sweep | tiny |",
                  "| sel/step | 8 |", "| sel/val_main | 0.7 |", "| sel/dev_main | 0.55 |"):
@@ -456,7 +444,7 @@ def test_resume_keeps_the_selection_made_before_the_interruption(home, scripted_
     scripted_scores(full, val, dev)
     expected = run_trial(cfg, trial("finetune"), home=home, callback=full,
                          checkpoint_dir=home / "full", device=CPU)
-    assert (expected[SEL_STEP], expected[SEL_DEV]) == (4, 0.50)
+    assert (expected[names.SEL_STEP], expected[names.SEL_DEV]) == (4, 0.50)
 
     class Interrupting(StepRecorder, InterruptAt):
         pass
@@ -472,7 +460,7 @@ def test_resume_keeps_the_selection_made_before_the_interruption(home, scripted_
     got = run_trial(cfg, trial("finetune"), home=home, callback=resumed, checkpoint_dir=ckpt,
                     resume_from=ckpt, device=CPU)
     assert [s for s, _, _ in resumed.reports] == [12]  # step 4 was not evaluated again ...
-    assert resumed.reports[0][1][SEL_STEP] == 4  # ... yet it is still the selected one
+    assert resumed.reports[0][1][names.SEL_STEP] == 4  # ... yet it is still the selected one
     assert {k: v for k, v in got.items() if k.startswith(("sel/", "best/", "final/"))} == {
         k: v for k, v in expected.items() if k.startswith(("sel/", "best/", "final/"))}
     assert timeless(got) == timeless(expected)
@@ -582,9 +570,9 @@ def test_teacher_lr_zero_control_runs_the_exams_but_never_moves_the_teacher(
                                  strict=True):
         assert torch.equal(bits(a), bits(b)), name
     # so the teacher scores it reports never change from the cached teacher's
-    assert {m[TEACHER_DEV] for _, m, _ in rec.reports if TEACHER_DEV in m} == {
+    assert {m[names.TEACHER_DEV] for _, m, _ in rec.reports if names.TEACHER_DEV in m} == {
         result["teacher/initial_dev_main"]}
-    assert {m[TEACHER_VAL] for _, m, _ in rec.reports} == {
+    assert {m[names.TEACHER_VAL] for _, m, _ in rec.reports} == {
         result["teacher/initial_val_main"]}
 
 
@@ -597,7 +585,7 @@ def test_each_estimator_runs_a_short_ikd_trial(home, exam_calls, loaded_teachers
     rec = Recorder()
     result = run_trial(cfg, trial("ikd"), home=home, callback=rec, device=CPU)
     assert result["steps"] == 4 and len(exam_calls) == 2
-    assert math.isfinite(result[FINAL_DEV])
+    assert math.isfinite(result[names.FINAL_DEV])
     assert math.isfinite(result["final/teacher_dev_main"])
     exam = [m["exam/loss"] for _, m in rec.logs if "exam/loss" in m]
     assert exam and all(math.isfinite(v) and v > 0 for v in exam)

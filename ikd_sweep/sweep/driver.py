@@ -115,7 +115,7 @@ def _run_sweep(plan: SweepPlan, home: Path, tracker: SweepTracker, listeners: Se
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Training-curve reports carry no val/main; only evaluation reports do (ASHA skips others).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    storage = Home(home).ray(sweep.name)
+    storage = Home(home).ray(sweep.name)  # the search; studies and confirmation below it
     if restart and storage.exists():
         shutil.rmtree(storage)
     if restart:  # students an earlier run kept but never logged (its trials start over)
@@ -134,14 +134,14 @@ def _run_sweep(plan: SweepPlan, home: Path, tracker: SweepTracker, listeners: Se
         _run_phase(run, search, storage)
         for study in plan.studies:
             if not out.interrupted:
-                _run_tuner(run, [], storage / study.name, _tokenized(run, study.task),
-                           asha=False, study=study)
+                _run_tuner(run, [], Home(home).ray(sweep.name, study.name),
+                           _tokenized(run, study.task), asha=False, study=study)
         if sweep.search.confirm_seeds and not out.interrupted:
             if not confirm:
                 confirm = plan.confirmations(selected_settings(sweep.name, tracker.tracking_uri))
                 tracker.set_expected_trials(parent, keep_suggested(recorder, search + confirm))
             out.confirm = [t.trial_id for t in confirm]
-            _run_phase(run, confirm, storage / "confirm")
+            _run_phase(run, confirm, Home(home).ray(sweep.name, CONFIRM))
         status = "KILLED" if out.interrupted else "FAILED" if out.failed else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
