@@ -18,23 +18,27 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from ikd_sweep.names import (
+    BEST_DEV,
+    FINAL_DEV,
+    HPARAMS,
+    METHOD_HPARAMS,
+    PHASES,
+    SEL_DEV,
+    SEL_STEP,
+    SEL_VAL,
+    TEACHER_DEV,
+)
 from ikd_sweep.store import STUDENT_ARTIFACT, TAG, absolute_sqlite_uri, require_store
 from ikd_sweep.tracking import find_parent, load_trials, trial_runs
-from ikd_sweep.trials import HPARAMS, METHOD_HPARAMS
 
 # Hyperparameters a method does not use (METHOD_HPARAMS) are NaN whatever a run's params say,
 # so a default that leaked into a finetune run's params cannot split its seeds into two settings.
 TRIAL_COLUMNS = ("trial_id", "task", "method", "seed", *HPARAMS, "phase")
-PHASES = ("search", "confirm")
 #: Result metric -> column. ``sel/*`` is the run's checkpoint with the best ``val/main``;
 #: ``best/dev_main`` (max over dev) is a diagnostic that the report never selects on.
 RESULT_METRICS = {
-    "sel/val_main": "sel_val_main",
-    "sel/dev_main": "sel_dev_main",
-    "sel/step": "sel_step",
-    "final/dev_main": "final_dev_main",
-    "best/dev_main": "best_dev_main",
-    "teacher/dev_main": "teacher_dev_main",
+    m: m.replace("/", "_") for m in (SEL_VAL, SEL_DEV, SEL_STEP, FINAL_DEV, BEST_DEV, TEACHER_DEV)
 }
 RUN_COLUMNS = (
     "run_id",
@@ -110,9 +114,7 @@ def _expected_frame(trials: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _phase(value: Any, where: str) -> str:
-    """``search`` when unset (runs recorded before confirmation existed)."""
-    if value is None or (not isinstance(value, str) and pd.isna(value)) or value == "":
-        return "search"
+    """A recorded phase, checked."""
     if value not in PHASES:
         raise ValueError(f"{where}: phase {value!r} is not one of {', '.join(PHASES)}")
     return str(value)
@@ -133,14 +135,14 @@ def _timestamp(ms: int | None) -> pd.Timestamp:
 
 def _run_row(run: Any) -> dict[str, Any]:
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    method = tags.get(TAG.METHOD, params.get("method"))
+    method = tags.get(TAG.METHOD)
     start, end = run.info.start_time, run.info.end_time
     row: dict[str, Any] = {
         "run_id": run.info.run_id,
-        "trial_id": tags.get(TAG.TRIAL_ID, run.info.run_name),
-        "task": tags.get(TAG.TASK, params.get("task")),
+        "trial_id": tags.get(TAG.TRIAL_ID),
+        "task": tags.get(TAG.TASK),
         "method": method,
-        "seed": _seed(tags.get(TAG.SEED, params.get("seed"))),
+        "seed": _seed(tags.get(TAG.SEED)),
         **{h: _float(params.get(h)) for h in HPARAMS},
         # The estimator only means something for IKD (other methods may carry the default).
         "estimator": params.get("ikd.estimator") if method == "ikd" else None,
@@ -155,7 +157,7 @@ def _run_row(run: Any) -> dict[str, Any]:
         else math.nan,
     }
     for key, value in metrics.items():
-        if key.startswith("final/dev_") and key != "final/dev_main":
+        if key.startswith("final/dev_") and key != FINAL_DEV:
             row["final_dev_" + key[len("final/dev_") :]] = _float(value)
     return row
 
@@ -186,12 +188,6 @@ def collect(sweep: str | None, tracking_uri: str) -> SweepRuns:
     runs["end_time"] = pd.to_datetime(runs["end_time"], utc=True)
     expected = _expected_frame(load_trials(client, parent_id))
     runs = _blank_unused(_fill_from_expected(_dedupe(runs), expected))
-    # A trainer that never logged best/dev_main: the best dev/main it logged is the same thing.
-    for i in runs.index[runs["best_dev_main"].isna() & runs["status"].eq("FINISHED")]:
-        points = client.get_metric_history(runs.at[i, "run_id"], "dev/main")
-        values = [m.value for m in points if math.isfinite(m.value)]
-        if values:
-            runs.at[i, "best_dev_main"] = max(values)
     runs = runs.sort_values(["task", "method", "trial_id"], kind="stable").reset_index(drop=True)
     return SweepRuns(
         sweep=sweep,

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.frames import AVG, CONTROL, rank
+from analysis.frames import AVG, rank
+from ikd_sweep.names import CONFIRM, CONTROL, SEARCH
 
 #: (a, b): the tables report a − b.
 COMPARISONS = (("ikd", "kd"), ("ikd", CONTROL), ("ikd", "finetune"), ("kd", "finetune"))
@@ -95,15 +96,15 @@ def compare(scores: pd.DataFrame, selected: pd.DataFrame, average: pd.DataFrame,
         if not both:
             continue
         per = _per_task((wide[a] - wide[b]).dropna(), both, effect)
-        confirmed = sel_a["source"].reindex(both).eq("confirm") & sel_b["source"].reindex(
-            both).eq("confirm")
+        confirmed = sel_a["source"].reindex(both).eq(CONFIRM) & sel_b["source"].reindex(
+            both).eq(CONFIRM)
         frame = per.assign(
             task=both, comparison=f"{a}-{b}", a=a, b=b,
             mean_a=sel_a["mean"].reindex(both).to_numpy(dtype=float),
             mean_b=sel_b["mean"].reindex(both).to_numpy(dtype=float),
             n_settings_a=sel_a["n_settings"].reindex(both).to_numpy(dtype=int),
             n_settings_b=sel_b["n_settings"].reindex(both).to_numpy(dtype=int),
-            source=np.where(confirmed.to_numpy(), "confirm", "search"),
+            source=np.where(confirmed.to_numpy(), CONFIRM, SEARCH),
         )
         if a in avg.index and b in avg.index and avg_tasks:
             mine = frame.loc[avg_tasks]
@@ -111,7 +112,7 @@ def compare(scores: pd.DataFrame, selected: pd.DataFrame, average: pd.DataFrame,
                    "b": b, "mean_a": float(avg[a]), "mean_b": float(avg[b]),
                    "n_settings_a": int(mine["n_settings_a"].max()),
                    "n_settings_b": int(mine["n_settings_b"].max()),
-                   "source": "confirm" if mine["source"].eq("confirm").all() else "search"}
+                   "source": CONFIRM if mine["source"].eq(CONFIRM).all() else SEARCH}
             frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
         frames.append(frame[COLUMNS])
     if not frames:

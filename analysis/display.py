@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pandas as pd
 
 from analysis.compare import EFFECT_PT
-from analysis.frames import AVG, CONTROL
+from analysis.frames import AVG
 from analysis.tables import INCOMPLETE_MARK, Report
-from ikd_sweep.trials import HPARAMS
+from ikd_sweep.names import CONFIRM, CONTROL, HPARAMS, SEARCH
 
 METHOD_LABELS = {
     "finetune": "Fine-tune",
@@ -48,7 +48,7 @@ def headline_warning(report: Report) -> str | None:
     if len(compared) < 2:
         return None
     mine = sel[sel["method"].isin(compared) & (sel["n"] > 0)]
-    return SEARCH_LABEL if mine["source"].eq("search").any() else None
+    return SEARCH_LABEL if mine["source"].eq(SEARCH).any() else None
 
 
 def _num(value: float, scale: float, digits: int = 2) -> str:
@@ -85,7 +85,7 @@ def _cell(row: pd.Series, scale: float, mark_search: bool) -> str:
     if int(row["n"]) == 0:
         return "–"
     mark = INCOMPLETE_MARK if row["incomplete"] else ""
-    if mark_search and row["source"] == "search":
+    if mark_search and row["source"] == SEARCH:
         mark += SEARCH_MARK
     std = "" if pd.isna(row["std"]) else f" ± {_num(row['std'], scale)}"
     return f"{_num(row['mean'], scale)}{std} ({int(row['n'])}){mark}"
@@ -181,7 +181,7 @@ def comparisons_table(report: Report) -> pd.DataFrame:
         f"Seeds for {EFFECT_PT:g}{' pt' if scale == 100 else ''}": _seeds_cell(
             r["seeds_for_effect"]),
         "P(a > b) [95% CI]": _improve_cell(r),
-        "Seeds": "confirmation" if r["source"] == "confirm" else f"search ({SEARCH_LABEL})",
+        "Seeds": "confirmation" if r["source"] == CONFIRM else f"search ({SEARCH_LABEL})",
         "Settings a / b": f"{int(r['n_settings_a'])} / {int(r['n_settings_b'])}",
     })
 
@@ -198,7 +198,7 @@ def selected_table(report: Report) -> pd.DataFrame:
         "Method": method_label(r["method"]),
         "Selected setting (on val)": setting_text(r),
         "Val score": _num(r["val_score"], scale),
-        "Reported on": "confirmation seeds" if r["source"] == "confirm" else "search seeds",
+        "Reported on": "confirmation seeds" if r["source"] == CONFIRM else "search seeds",
         "Dev mean": _num(r["mean"], scale),
         "Std": _num(r["std"], scale),
         "Seeds (finished/expected)": _seeds_text(r),
@@ -294,28 +294,17 @@ def _settings_counts(report: Report) -> dict[str, str]:
     return out
 
 
-def notes(report: Report) -> list[str]:
-    """The notes under the main table: what the cells are, where the seeds come from, what the
-    statistics mean."""
-    scale = report.scale
-    sel = report.selected
-    out = [
-        "Cells: dev score (`sel/dev_main`, the task's GLUE metric"
-        + (" ×100" if scale == 100 else "")
-        + ") at each run's checkpoint with the best val score, mean ± sample std (n seeds), of "
-        "the setting selected on the validation split (best mean `sel/val_main` over the search "
-        "seeds). GLUE dev chooses nothing: no checkpoint, setting or early stop.",
-        "Failed, early-stopped, unfinished and missing search seeds count against their setting: "
-        "each is scored as the worst finished val score of the task when settings are ranked.",
-    ]
+def _seed_notes(report: Report) -> list[str]:
+    """Which seeds the cells use (confirmation, search or both), and incomplete cells."""
+    sel, out = report.selected, []
     if report.has_results:
         sources = set(sel.loc[sel["n"] > 0, "source"])
-        if sources == {"confirm"}:
+        if sources == {CONFIRM}:
             out.append(
                 "All cells use only the confirmation seeds: fresh seeds that played no part in "
                 "the selection."
             )
-        elif sources == {"search"}:
+        elif sources == {SEARCH}:
             out.append(
                 f"{SEARCH_LABEL}: no confirmation runs (search.confirm_seeds), so cells use the "
                 "search seeds that also selected the setting. A run lucky on val is lucky on "
@@ -330,6 +319,12 @@ def notes(report: Report) -> list[str]:
             )
     if report.has_results and sel["incomplete"].any():
         out.append(f"{INCOMPLETE_MARK} fewer finished seeds than the sweep expected.")
+    return out
+
+
+def _settings_notes(report: Report) -> list[str]:
+    """How many settings each method was given, and a warning where IKD and KD differ."""
+    sel, out = report.selected, []
     counts = _settings_counts(report) if report.has_results else {}
     if counts:
         out.append(
@@ -348,6 +343,23 @@ def notes(report: Report) -> list[str]:
                     "Selection on val keeps its dev score unbiased, but it had more chances; "
                     "the budget-fair table compares both at the same number of settings."
                 )
+    return out
+
+
+def notes(report: Report) -> list[str]:
+    """The notes under the main table: what the cells are, where the seeds come from, what the
+    statistics mean."""
+    scale = report.scale
+    out = [
+        "Cells: dev score (`sel/dev_main`, the task's GLUE metric"
+        + (" ×100" if scale == 100 else "")
+        + ") at each run's checkpoint with the best val score, mean ± sample std (n seeds), of "
+        "the setting selected on the validation split (best mean `sel/val_main` over the search "
+        "seeds). GLUE dev chooses nothing: no checkpoint, setting or early stop.",
+        "Failed, early-stopped, unfinished and missing search seeds count against their setting: "
+        "each is scored as the worst finished val score of the task when settings are ranked.",
+    ]
+    out += _seed_notes(report) + _settings_notes(report)
     if len([m for m in MAIN_DIFF if m in report.methods]) == 2:
         unit = " pt" if scale == 100 else ""
         out.append(

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ikd_sweep.trials import CONTROL, HPARAMS
+from ikd_sweep.names import CONTROL, HPARAMS, METHOD_ORDER, PHASES, SEARCH, is_control
 
 KEYS = ("task", "method", *HPARAMS)
-METHOD_ORDER = ("finetune", "kd", "ikd", CONTROL)
-PHASES = ("search", "confirm")
 GLUE_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 AVG = "Avg"
-RUN_COLUMNS = (
+# The columns `prepare` keeps by default (a subset of `analysis.collect.RUN_COLUMNS`).
+PREPARED_COLUMNS = (
     "run_id",
     "trial_id",
     "task",
@@ -88,7 +87,8 @@ def setting_mask(frame: pd.DataFrame, setting: pd.Series | dict) -> pd.Series:
     return mask
 
 
-def prepare(frame: pd.DataFrame | None, columns: tuple[str, ...] = RUN_COLUMNS) -> pd.DataFrame:
+def prepare(frame: pd.DataFrame | None,
+            columns: tuple[str, ...] = PREPARED_COLUMNS) -> pd.DataFrame:
     """A new frame with just ``columns`` (NaN where absent): hyperparameters as floats, ``phase``
     "search" where unset, and ``ikd`` with ``teacher_lr == 0`` relabelled ``ikd-control``.
     Raises ``ValueError`` for a phase other than search or confirm."""
@@ -102,12 +102,14 @@ def prepare(frame: pd.DataFrame | None, columns: tuple[str, ...] = RUN_COLUMNS) 
     if "phase" in out.columns:
         if out["phase"].isna().any():
             phase = out["phase"].astype(object)
-            out["phase"] = phase.where(phase.notna(), "search").astype("str")
+            out["phase"] = phase.where(phase.notna(), SEARCH).astype("str")
         bad = sorted(str(v) for v in pd.unique(out["phase"]) if v not in PHASES)
         if bad:
             raise ValueError(f"column 'phase' has {bad}; valid values: {', '.join(PHASES)}")
     if "method" in out.columns and "teacher_lr" in out.columns:
-        control = (out["method"].eq("ikd") & out["teacher_lr"].eq(0.0)).to_numpy()
+        control = np.fromiter((is_control(m, t) for m, t in zip(out["method"], out["teacher_lr"],
+                                                                 strict=True)),
+                              dtype=bool, count=len(out))
         if control.any():
             out["method"] = out["method"].astype(object).where(~control, CONTROL).astype("str")
     return out

@@ -19,9 +19,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.frames import CONTROL, setting_mask
+from analysis.frames import setting_mask
 from analysis.tables import Report
-from ikd_sweep.trials import HPARAMS
+from ikd_sweep.names import CONTROL, DEV, HPARAMS, METHOD_ORDER
 
 _log = logging.getLogger(__name__)
 
@@ -235,8 +235,8 @@ def make_plots(
                     runs,
                     t,
                     history,
-                    "dev/main",
-                    ("finetune", "kd", "ikd", CONTROL),
+                    DEV,
+                    METHOD_ORDER,
                     f"{t}: dev score during training (selected settings)",
                     "dev score",
                     out_dir / f"{n}_learning_curves.png",

@@ -30,6 +30,7 @@ from analysis.display import (
 )
 from analysis.frames import AVG
 from analysis.tables import INCOMPLETE_MARK, Report
+from ikd_sweep.names import CONFIRM, SEARCH
 
 # ------------------------------------------------------------------------------------------
 # Markdown
@@ -81,7 +82,7 @@ def to_csv(report: Report, out_dir: Path, runs: pd.DataFrame | None = None) -> l
         "scores.csv": report.scores,
         # warning: the search-seeds label on each row whose headline is not confirmed.
         "comparisons.csv": report.comparisons.assign(warning=report.comparisons["source"].map(
-            {"search": SEARCH_LABEL}).fillna("")),
+            {SEARCH: SEARCH_LABEL}).fillna("")),
         "average.csv": report.average.assign(tasks=";".join(report.avg_tasks)),
         "candidates.csv": report.candidates,
         "budget.csv": report.budget,
@@ -138,7 +139,7 @@ def to_latex(report: Report) -> str:
     ``booktabs``."""
     scale = report.scale
     sources = set(report.selected["source"]) if report.has_results else set()
-    seeds = "confirmation seeds" if sources == {"confirm"} else "seeds"
+    seeds = "confirmation seeds" if sources == {CONFIRM} else "seeds"
     caption = (
         f"Dev results of sweep {_latex_text(report.sweep)}"
         + (" ($\\times$100)" if scale == 100 else "")

@@ -28,13 +28,11 @@ FORMATS = ("md", "csv", "latex", "html")
 class NoFinishedRuns(UserError):
     """The sweep exists but none of its trials has FINISHED, so there is nothing to compare."""
 
-    def __init__(
-        self, sweep: str, counts: dict[str, int], hint: str = "", what: str = "FINISHED runs"
-    ) -> None:
+    def __init__(self, sweep: str, counts: dict[str, int], hint: str = "") -> None:
         self.sweep = sweep
         self.counts = dict(counts)
         shown = ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no runs at all"
-        message = f"Sweep {sweep!r} has no {what} yet ({shown})."
+        message = f"Sweep {sweep!r} has no FINISHED runs yet ({shown})."
         if hint:
             message += f" {hint}"
         super().__init__(message)
@@ -77,16 +75,6 @@ def _check_finished(data: SweepRuns) -> None:
     finished = data.runs["status"].eq("FINISHED")
     if finished.any() and data.runs.loc[finished, "sel_val_main"].notna().any():
         return
-    if finished.any():
-        # Runs from before the val split: choosing on their dev scores is what the report no
-        # longer does, so it says why it has nothing to show.
-        raise NoFinishedRuns(
-            data.sweep,
-            status_counts(data),
-            "Its FINISHED runs have no sel/val_main: they were recorded before selection moved "
-            "to the validation split; re-run the sweep with this version.",
-            what="runs with a validation score",
-        )
     hint = ""
     errors = data.runs["error"].dropna() if "error" in data.runs else []
     if len(errors):
@@ -97,10 +85,11 @@ def _check_finished(data: SweepRuns) -> None:
 
 def default_out_dir(tracking_uri: str, sweep: str) -> Path:
     """``<home>/reports/<sweep>``: next to the SQLite store, or under the default home."""
+    from ikd_sweep.home import Home
     from ikd_sweep.tracking import home_for
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", sweep).strip("._") or "sweep"
-    return home_for(tracking_uri) / "reports" / safe
+    return Home(home_for(tracking_uri)).report(safe)
 
 
 def make_report(

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-HPARAMS = ("temperature", "exam_every", "teacher_lr")
+from ikd_sweep.names import CONFIRM, HPARAMS, METHODS, PHASES, SEARCH
+
 # sweeps/glue.yaml's grid: 4 temperatures; IKD also 3 exam_every × 3 teacher_lr (36 settings).
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 EXAM_EVERY = (1.0, 5.0, 10.0)
 TEACHER_LRS = (1e-6, 5e-6, 1e-5)
-METHODS = ["finetune", "kd", "ikd"]
-PHASES = ("search", "confirm")
 STATUSES = ["FINISHED", "FAILED", "KILLED"]
 
 
@@ -112,7 +111,7 @@ def _frames(
     luck = rng.normal(0.0, spec.luck, n) * scale
     val = mu + luck + rng.normal(0.0, spec.val_noise, n) * scale
     dev = mu + luck + rng.normal(0.0, spec.dev_noise, n) * scale
-    search = phase == "search"
+    search = phase == SEARCH
     failed = is_ikd & (rng.random(n) < (spec.ikd_fail if search else spec.confirm_fail))
     killed = ~failed & (rng.random(n) < (spec.early_stop if search else 0.0))
     val[failed] = np.nan
@@ -130,7 +129,7 @@ def _frames(
         {
             "trial_id": trial_id,
             "task": task,
-            "method": pd.Categorical(rep["method"], categories=METHODS),
+            "method": pd.Categorical(rep["method"], categories=list(METHODS)),
             "seed": rep["seed"].to_numpy(),
             **{h: rep[h].to_numpy(dtype=float) for h in HPARAMS},
             "phase": pd.Categorical.from_codes(
@@ -172,7 +171,7 @@ def simulate_search(
     # Every task gets the same block of settings.
     plan = block.loc[np.tile(block.index, len(tasks))].reset_index(drop=True)
     plan.insert(0, "task_idx", np.repeat(np.arange(len(tasks)), len(block)))
-    runs, expected = _frames(rng, spec, truth, plan, spec.search_seeds, "search")
+    runs, expected = _frames(rng, spec, truth, plan, spec.search_seeds, SEARCH)
     return runs, expected, truth
 
 
@@ -190,7 +189,7 @@ def simulate_confirm(
             **{h: sel[h].to_numpy(dtype=float) for h in HPARAMS},
         }
     )
-    return _frames(rng, spec, truth, plan, spec.confirm_seeds, "confirm")
+    return _frames(rng, spec, truth, plan, spec.confirm_seeds, CONFIRM)
 
 
 def simulate(

@@ -37,7 +37,6 @@ from analysis.compare import COLUMNS as COMPARISON_COLUMNS
 from analysis.compare import EFFECT_PT, compare
 from analysis.frames import (
     AVG,
-    CONTROL,
     KEYS,
     Index,
     codes,
@@ -49,7 +48,7 @@ from analysis.frames import (
     task_order,
 )
 from analysis.status import status_by_method, trial_status
-from ikd_sweep.trials import HPARAMS, base_method
+from ikd_sweep.names import CONFIRM, CONTROL, HPARAMS, SEARCH, base_method
 
 #: Marks a reported cell with fewer finished seeds than expected.
 INCOMPLETE_MARK = "†"
@@ -108,8 +107,8 @@ class Report:
 def _candidates(ix: Index) -> pd.DataFrame:
     """Search-phase settings, indexed by setting id (see :func:`candidate_settings`)."""
     runs, exp = ix.runs, ix.expected
-    r_search = runs["phase"].eq("search").to_numpy(dtype=bool)
-    e_search = exp["phase"].eq("search").to_numpy(dtype=bool)
+    r_search = runs["phase"].eq(SEARCH).to_numpy(dtype=bool)
+    e_search = exp["phase"].eq(SEARCH).to_numpy(dtype=bool)
     present = ix.per_setting(ix.run_sid[r_search]) + ix.per_setting(ix.exp_sid[e_search]) > 0
     # Seed slots: distinct (setting, seed) pairs planned or run.
     sids = np.concatenate([ix.run_sid[r_search], ix.exp_sid[e_search]])
@@ -186,7 +185,7 @@ def _reported(ix: Index, picked: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     runs, exp = ix.runs, ix.expected
     is_picked = np.zeros(ix.size, dtype=bool)
     is_picked[picked.index.to_numpy()] = True
-    confirm = runs["phase"].eq("confirm").to_numpy(dtype=bool)
+    confirm = runs["phase"].eq(CONFIRM).to_numpy(dtype=bool)
     rows = finished(runs, "sel_dev_main") & is_picked[ix.run_sid]
     # Finished confirmation runs replace the search seeds of their setting.
     confirmed = ix.per_setting(ix.run_sid[rows & confirm]) > 0
@@ -210,7 +209,7 @@ def _reported(ix: Index, picked: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     sid_of, first = np.unique(scores["sid"].to_numpy(), return_index=True)
     lists = np.split(scores["seed"].to_numpy(dtype=np.int64), first[1:]) if len(first) else []
     seeds = pd.Series([a.tolist() for a in lists], index=sid_of, dtype=object)
-    e_confirm = exp["phase"].eq("confirm").to_numpy(dtype=bool)
+    e_confirm = exp["phase"].eq(CONFIRM).to_numpy(dtype=bool)
     n_exp = np.where(
         confirmed,
         ix.per_setting(ix.exp_sid[e_confirm]),
@@ -218,7 +217,7 @@ def _reported(ix: Index, picked: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     )
     sel = picked[[*KEYS, "val_score", "n_settings"]].copy()
     sid = sel.index
-    sel["source"] = np.where(confirmed[sid], "confirm", "search")
+    sel["source"] = np.where(confirmed[sid], CONFIRM, SEARCH)
     sel["mean"] = per.mean().reindex(sid).to_numpy()
     sel["std"] = per.std(ddof=1).reindex(sid).to_numpy()
     sel["n"] = per.size().reindex(sid).fillna(0).astype(int).to_numpy()
@@ -372,7 +371,7 @@ def _best_runs(ix: Index) -> pd.DataFrame:
         "best_dev_main",
     ]
     runs = ix.runs
-    ok = np.flatnonzero(runs["phase"].eq("search").to_numpy(dtype=bool) & finished(
+    ok = np.flatnonzero(runs["phase"].eq(SEARCH).to_numpy(dtype=bool) & finished(
         runs, "sel_val_main"
     ))
     if not ok.size:

@@ -47,6 +47,7 @@ try:
 except ImportError:  # a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
+from ikd_sweep.config import IkdConfig, TrainConfig  # noqa: E402
 from ikd_sweep.data import Split, batch_order, collate, read_glue_tsv  # noqa: E402
 from ikd_sweep.distill.exam import ESTIMATORS  # noqa: E402
 from ikd_sweep.models import autocast, model_inputs  # noqa: E402
@@ -118,16 +119,17 @@ def ms(seconds: float) -> str:
 def make_step(method: str, student, teacher, device, *, estimator="finite_difference",
               lookahead="sgd", fuse=True, cached=None, compile_=False) -> TrainStep:
     """The trainer's own step (`TrainStep`), as `fit` builds it: AdamW, linear schedule."""
-    s = FitSettings(method=method, seed=0, epochs=1, batch_size=1, eval_batch_size=1, lr=1e-5,
-                    weight_decay=0.01, warmup_ratio=0.0, max_grad_norm=1.0, eval_every=None,
-                    log_every=1, max_steps=None, alpha=0.5, temperature=2.0, exam_every=1,
-                    teacher_lr=1e-6, estimator=estimator, lookahead_lr=5e-5,
-                    lookahead=lookahead, fuse_exam=fuse, compile=compile_)
+    train = TrainConfig(epochs=1, batch_size=1, eval_batch_size=1, lr=1e-5, weight_decay=0.01,
+                        warmup_ratio=0.0, max_grad_norm=1.0, log_every=1, alpha=0.5,
+                        compile=compile_)
+    ikd = IkdConfig(estimator=estimator, lookahead_lr=5e-5, lookahead=lookahead)
+    s = FitSettings(method=method, seed=0, train=train, ikd=ikd, temperature=2.0, exam_every=1,
+                    teacher_lr=1e-6, fuse_exam=fuse)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, fused=cuda)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.train.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.train.lr, fused=cuda)
     sched = get_linear_schedule_with_warmup(opt, 0, 10**9)
     t_opt = None
     if method == "ikd":

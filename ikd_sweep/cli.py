@@ -26,11 +26,11 @@ from ikd_sweep.config import (
     ConfigError,
     SweepConfig,
     check_search_value,
-    default_home,
     load_sweep,
     parse_overrides,
 )
 from ikd_sweep.errors import UserError
+from ikd_sweep.home import Home
 from ikd_sweep.trials import PickError, SweepPlan, pick_trial
 
 console = Console()
@@ -123,7 +123,7 @@ def _load(path: Path, overrides: list[str] | None = None) -> SweepConfig:
 
 
 def _home(home: Path | None) -> Path:
-    return (home or default_home()).resolve()
+    return (home or Home.default().root).resolve()
 
 
 @app.command(epilog="Example: ikd-sweep validate sweeps/demo.yaml --set train.epochs=1")
@@ -297,7 +297,7 @@ def _read_store(uri: str | None, root: Path) -> str:
     from ikd_sweep.store import require_store
 
     return require_store(_tracking_uri(uri, None, root) if uri or
-                         os.environ.get("MLFLOW_TRACKING_URI") else f"sqlite:///{root}/mlflow.db")
+                         os.environ.get("MLFLOW_TRACKING_URI") else Home(root).store_uri)
 
 
 @app.command(epilog="Example: ikd-sweep report --sweep demo --format all")

@@ -8,7 +8,6 @@ rejected here, before anything starts. Trials and their expansion live in `ikd_s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,9 +25,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ikd_sweep.errors import UserError
+from ikd_sweep.names import METHODS
 from ikd_sweep.tasks import TASKS
-
-METHODS = ("finetune", "kd", "ikd")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 # Strict ints: `max_steps: true` or `epochs_int: 2.5` is a mistake, not 1 or 2. Floats stay lax
@@ -210,7 +208,7 @@ class TrackingConfig(_Strict):
 class SweepConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     tasks: list[str] = Field(min_length=1)
-    methods: list[Literal["finetune", "kd", "ikd"]] = Field(min_length=1)
+    methods: list[Literal[METHODS]] = Field(min_length=1)  # type: ignore[valid-type]
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
     student: ModelConfig
@@ -424,9 +422,3 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         # Relative glue_dir is relative to the sweep file, so a sweep runs from any folder.
         cfg.data.glue_dir = (path.parent / cfg.data.glue_dir).resolve()
     return cfg
-
-
-def default_home() -> Path:
-    """The working folder: ``$IKD_SWEEP_HOME`` or ``./ikd-runs`` (not created here)."""
-    env = os.environ.get("IKD_SWEEP_HOME")
-    return Path(env).expanduser() if env else Path("ikd-runs")

@@ -1,6 +1,10 @@
-"""Errors a user causes (bad files, paths, flags, caches, stores, sweeps) and the CLI reports in
-one or two lines with exit 2 (cli.py's one policy). Anything else is a bug and keeps its
-traceback."""
+"""The base of the errors a user causes (bad files, paths, flags, caches, stores, sweeps):
+`UserError`, which the CLI reports in one or two lines with exit 2 (cli.py's one policy);
+anything else is a bug and keeps its traceback. This module holds the base and the errors
+that several modules raise or handle; an error raised by one module only is defined there,
+as a `UserError`: ConfigError (config), DataError (data), PickError (trials), SweepBusy
+(files), ResourceError (sweep/cluster), ExportError (export), NoFinishedRuns
+(analysis/report)."""
 
 from __future__ import annotations
 

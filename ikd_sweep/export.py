@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ikd_sweep.errors import UserError
+from ikd_sweep.names import HPARAMS
 
 
 class ExportError(UserError):
@@ -43,7 +44,7 @@ def _choices(values) -> str:
 
 
 def _setting(row) -> str:
-    parts = [f"{h}={row[h]:g}" for h in ("temperature", "exam_every", "teacher_lr")
+    parts = [f"{h}={row[h]:g}" for h in HPARAMS
              if h in row and isinstance(row[h], float) and math.isfinite(row[h])]
     return ", ".join(parts) or "(no hyperparameters)"
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ikd_sweep.errors import UserError
+from ikd_sweep.home import Home
 
 
 def _remove(path: Path) -> None:
@@ -69,7 +70,7 @@ def sweep_lock(home: Path, sweep: str) -> Iterator[Path]:
 
     from filelock import FileLock, Timeout
 
-    path = Path(home) / "locks" / f"{sweep}.lock"
+    path = Home(home).lock(sweep)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path, timeout=0)
     try:

@@ -25,6 +25,7 @@ from ikd_sweep.config import ModelConfig, SweepConfig
 from ikd_sweep.data import DataError, carve_splits, load_raw
 from ikd_sweep.errors import ModelError, PreflightError, StoreError
 from ikd_sweep.models import model_config
+from ikd_sweep.names import METHODS
 from ikd_sweep.tasks import get_task
 from ikd_sweep.trials import Trial
 
@@ -170,7 +171,7 @@ def check_disk(home: Path, trials: Sequence[Trial], params: dict[str, int],
     the disk under `home` has less free. Returns the estimate."""
     writable(home, "working folder", "pass --home or set IKD_SWEEP_HOME")
     per_trial = {m: CHECKPOINT_BYTES_PER_PARAM * (params["student"] + (
-        params["teacher"] if m == "ikd" else 0)) for m in ("finetune", "kd", "ikd")}
+        params["teacher"] if m == "ikd" else 0)) for m in METHODS}
     need = (sum(per_trial[t.method] for t in trials)
             + teachers * 4 * params["teacher"])  # a cached teacher: its fp32 weights
     free = shutil.disk_usage(home).free

@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ikd_sweep.names import SEL_DEV, SEL_VAL
 from ikd_sweep.sweep.events import (
     ERROR,
     EVAL,
@@ -223,8 +224,8 @@ class SweepView:
         elif kind == RECORDED:  # finished by an earlier run of the command
             t.state, t.started = "done", None
         elif kind in (EVAL, FINAL):
-            if math.isfinite(m.get("sel/val_main", math.nan)):
-                t.sel_val, t.sel_dev = m["sel/val_main"], m.get("sel/dev_main")
+            if math.isfinite(m.get(SEL_VAL, math.nan)):
+                t.sel_val, t.sel_dev = m[SEL_VAL], m.get(SEL_DEV)
             if kind == FINAL:
                 t.state = "done"
                 if t.started is not None:

@@ -1,12 +1,18 @@
-"""`FitSettings`: what one training loop (`trainer.fit`, `step.TrainStep`) needs, resolved
-from the sweep file and the trial (or, for a teacher's fine-tuning, the teacher's section)."""
+"""`FitSettings`: what one training loop (`trainer.fit`, `step.TrainStep`) needs. The knobs are
+the sweep file's `train` and `ikd` sections themselves (their defaults live in config.py and
+nowhere else); this adds the trial's method, seed and point of the search, and is built in one
+place for a trial (`for_trial`) or a teacher's fine-tuning (`for_teacher`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ikd_sweep.config import SweepConfig
+from ikd_sweep.config import IkdConfig, SweepConfig, TrainConfig
+from ikd_sweep.names import HPARAMS
 from ikd_sweep.trials import Trial, trial_seed
+
+# What the trainer uses for a search hyperparameter its method does not use (names.HPARAMS).
+UNUSED = {"temperature": 1.0, "exam_every": 1, "teacher_lr": 0.0}
 
 
 @dataclass
@@ -15,29 +21,11 @@ class FitSettings:
 
     method: str
     seed: int
-    epochs: float
-    batch_size: int
-    eval_batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_ratio: float
-    max_grad_norm: float | None
-    eval_every: int | None
-    log_every: int
-    max_steps: int | None
-    alpha: float = 0.5
-    hidden_weight: float = 0.0
-    temperature: float = 1.0
-    exam_every: int = 1
-    teacher_lr: float = 0.0
-    estimator: str = "finite_difference"
-    lookahead_lr: float = 5e-5
-    teacher_ce_weight: float = 0.0
-    fd_epsilon: float = 0.01
-    lookahead: str = "sgd"
-    order: str = "student_first"
-    teacher_schedule: str = "constant"
-    compile: bool = False
+    train: TrainConfig
+    ikd: IkdConfig = field(default_factory=IkdConfig)
+    temperature: float = UNUSED["temperature"]
+    exam_every: int = UNUSED["exam_every"]
+    teacher_lr: float = UNUSED["teacher_lr"]
     # Reuse the exam's course gradient and teacher outputs for the real step when they are the
     # same computation (student_first); False recomputes them (same result; for tests/benchmarks).
     fuse_exam: bool = True
@@ -47,24 +35,18 @@ class FitSettings:
 
     @classmethod
     def for_trial(cls, cfg: SweepConfig, trial: Trial) -> FitSettings:
-        t, k = cfg.train, cfg.ikd
-        return cls(method=trial.method, seed=trial_seed(cfg, trial), epochs=t.epochs,
-                   batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, lr=t.lr,
-                   weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
-                   max_grad_norm=t.max_grad_norm, eval_every=t.eval_every,
-                   log_every=t.log_every, max_steps=t.max_steps, alpha=t.alpha,
-                   hidden_weight=t.hidden_weight, temperature=trial.temperature or 1.0,
-                   exam_every=trial.exam_every or 1, teacher_lr=trial.teacher_lr or 0.0,
-                   estimator=k.estimator, lookahead_lr=k.lookahead_lr,
-                   teacher_ce_weight=k.teacher_ce_weight, fd_epsilon=k.fd_epsilon,
-                   lookahead=k.lookahead, order=k.order, teacher_schedule=k.teacher_schedule,
-                   compile=t.compile)
+        point = {h: UNUSED[h] if getattr(trial, h) is None else getattr(trial, h)
+                 for h in HPARAMS}
+        return cls(method=trial.method, seed=trial_seed(cfg, trial), train=cfg.train.model_copy(),
+                   ikd=cfg.ikd.model_copy(), **point)
 
     @classmethod
     def for_teacher(cls, cfg: SweepConfig, seed: int) -> FitSettings:
-        t = cfg.teacher
-        return cls(method="finetune", seed=trial_seed(cfg, seed), epochs=t.epochs,
-                   batch_size=t.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                   lr=t.lr, weight_decay=cfg.train.weight_decay,
-                   warmup_ratio=cfg.train.warmup_ratio, max_grad_norm=cfg.train.max_grad_norm,
-                   eval_every=None, log_every=cfg.train.log_every, max_steps=None)
+        """The teacher's section's epochs, lr and batch size; the train section's optimizer,
+        schedule, clipping and evaluation batch; no eval_every, max_steps or hidden loss."""
+        t, tr = cfg.teacher, cfg.train
+        train = TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
+                            eval_batch_size=tr.eval_batch_size, weight_decay=tr.weight_decay,
+                            warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
+                            log_every=tr.log_every)
+        return cls(method="finetune", seed=trial_seed(cfg, seed), train=train)

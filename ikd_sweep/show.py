@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ikd_sweep.config import SweepConfig
+from ikd_sweep.names import HPARAMS
 from ikd_sweep.sweep.events import error_line
-from ikd_sweep.trials import HPARAMS, SweepPlan, Trial
+from ikd_sweep.trials import SweepPlan, Trial
 
 if TYPE_CHECKING:
     from ikd_sweep.sweep.driver import SweepOutcome

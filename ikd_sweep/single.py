@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ikd_sweep.config import SweepConfig
+from ikd_sweep.home import Home
+from ikd_sweep.names import BEST_DEV, DEV
 from ikd_sweep.trials import Trial, trial_seed
 
 
@@ -42,9 +44,9 @@ class _ProgressCallback:
 
     def report(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
         self._write(metrics, step)
-        if "dev/main" in metrics:
-            self.progress.console.print(f"step {step}: dev/main {metrics['dev/main']:.4f}"
-                                        f" (best {metrics.get('best/dev_main', 0):.4f})")
+        if DEV in metrics:
+            self.progress.console.print(f"step {step}: {DEV} {metrics[DEV]:.4f}"
+                                        f" (best {metrics.get(BEST_DEV, 0):.4f})")
 
 
 def _train_steps(cfg: SweepConfig, trial: Trial, root: Path) -> tuple[int, dict]:
@@ -55,7 +57,7 @@ def _train_steps(cfg: SweepConfig, trial: Trial, root: Path) -> tuple[int, dict]
     from ikd_sweep.tasks import get_task
     from ikd_sweep.trainer import FitSettings, total_steps
 
-    cache, tok = root / "cache" / "data", load_tokenizer(cfg.teacher.model)
+    cache, tok = Home(root).data_cache, load_tokenizer(cfg.teacher.model)
     splits = tokenize_splits(get_task(trial.task), cfg.data, tok, cache)
     data = prepare_data(trial.task, cfg.data, tok, cache, trial_seed(cfg, trial), splits,
                         method=trial.method)
@@ -85,7 +87,7 @@ def train_one(cfg: SweepConfig, trial: Trial, root: Path, *, device: str | None,
     from ikd_sweep.trainer import NonFiniteLoss
     from ikd_sweep.trial import run_trial
 
-    run_dir = root / "single" / cfg.name / trial.trial_id
+    run_dir = Home(root).single(cfg.name, trial.trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint"
     resume_from = ckpt if resume and (ckpt / "state.pt").exists() else None

@@ -55,7 +55,7 @@ class TrainStep:
         self.s, self.student, self.opt, self.sched, self.device = s, student, opt, sched, device
         self.times = times or StepTimes(device)
         self.teacher, self.teacher_logits, self.t_opt = teacher, teacher_logits, t_opt
-        self.hidden = s.hidden_weight > 0
+        self.hidden = s.train.hidden_weight > 0
         self.s_params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         self.t_params = ([] if teacher is None or t_opt is None else
                          [(n, p) for n, p in teacher.named_parameters() if p.requires_grad])
@@ -65,10 +65,10 @@ class TrainStep:
         # Plain course steps may run compiled forwards; exam rounds stay eager, so the real
         # step sees the lookahead's dropout masks (compiled kernels draw their own).
         self.s_fwd, self.t_fwd = student, teacher
-        if s.compile and device.type == "cuda":
+        if s.train.compile and device.type == "cuda":
             self.s_fwd = torch.compile(student)
             self.t_fwd = None if teacher is None else torch.compile(teacher)
-        elif s.compile:
+        elif s.train.compile:
             log.warning("train.compile is ignored on %s: torch.compile is used on CUDA only",
                         device.type)
 
@@ -90,16 +90,15 @@ class TrainStep:
         with self.times("exam"), autocast(self.device):
             res = exam_hypergradient(
                 self.teacher, self.student, batch, quiz, temperature=s.temperature,
-                alpha=s.alpha, lookahead_lr=s.lookahead_lr, estimator=s.estimator,
-                hidden_weight=s.hidden_weight, fd_epsilon=s.fd_epsilon, lookahead=s.lookahead,
-                optimizer=self.opt, max_grad_norm=s.max_grad_norm,
-                keep_teacher_graph=s.teacher_ce_weight > 0)
-        lr_factor = self.sched.get_last_lr()[0] / s.lr  # this step's warmup/decay factor
+                alpha=s.train.alpha, ikd=s.ikd, hidden_weight=s.train.hidden_weight,
+                optimizer=self.opt, max_grad_norm=s.train.max_grad_norm,
+                keep_teacher_graph=s.ikd.teacher_ce_weight > 0)
+        lr_factor = self.sched.get_last_lr()[0] / s.train.lr  # this step's warmup/decay factor
         with self.times("exam"):
             t_grads, h_norm = self._teacher_grads(res, batch["labels"])
         if diagnose:
             before = self._s_buf = _snapshot([p for _, p in self.s_params], self._s_buf)
-        if s.order == "teacher_first":
+        if s.ikd.order == "teacher_first":
             t_norm = self._teacher_step(t_grads, lr_factor, diagnose)
             out = self._course(batch, seed=res.course_seed)
         else:
@@ -150,9 +149,10 @@ class TrainStep:
                     else:
                         loss = course_loss(
                             out.logits.float(), t_logits, labels, temperature=s.temperature,
-                            alpha=s.alpha, student_hidden=out.hidden_states if hidden else None,
+                            alpha=s.train.alpha,
+                            student_hidden=out.hidden_states if hidden else None,
                             teacher_hidden=t_hidden, attention_mask=batch["attention_mask"],
-                            hidden_weight=s.hidden_weight)
+                            hidden_weight=s.train.hidden_weight)
                         with torch.no_grad():
                             kd = course_loss(out.logits.float(), t_logits, labels,
                                              temperature=s.temperature, alpha=1.0)
@@ -160,8 +160,8 @@ class TrainStep:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
         with self.times("optimizer"):
-            if s.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), s.max_grad_norm)
+            if s.train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), s.train.max_grad_norm)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -174,19 +174,19 @@ class TrainStep:
         h_norm = global_norm(grads)
         # A zero hypergradient (v = 0, or lr_t = 0 in adam's warmup) stays zero.
         torch._foreach_mul_(grads, torch.where(h_norm > 0, 1 / h_norm.clamp_min(1e-30), 0.0))
-        if self.s.teacher_ce_weight > 0:
+        if self.s.ikd.teacher_ce_weight > 0:
             gold = task_loss(res.teacher_logits.float(), labels)
             c = torch.autograd.grad(gold, [p for _, p in self.t_params], allow_unused=True)
             c = [torch.zeros_like(p) if ci is None else ci
                  for ci, (_, p) in zip(c, self.t_params, strict=True)]
-            w = self.s.teacher_ce_weight / global_norm(c).clamp_min(1e-30)
+            w = self.s.ikd.teacher_ce_weight / global_norm(c).clamp_min(1e-30)
             torch._foreach_add_(grads, torch._foreach_mul(c, w))
         return grads, h_norm
 
     def _teacher_step(self, grads: list[torch.Tensor], lr_factor: float,
                       diagnose: bool) -> torch.Tensor | None:
         """AdamW step of the teacher on `grads`; the norm of the change of its weights."""
-        if self.s.teacher_schedule == "linear":  # the student's warmup/decay, teacher_lr peak
+        if self.s.ikd.teacher_schedule == "linear":  # the student's warmup/decay, teacher_lr peak
             for grp in self.t_opt.param_groups:
                 grp["lr"] = self.s.teacher_lr * lr_factor
         if diagnose:

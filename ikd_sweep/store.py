@@ -16,11 +16,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from ikd_sweep import __version__
-from ikd_sweep.config import SweepConfig, default_home
+from ikd_sweep.config import SweepConfig
 from ikd_sweep.errors import StoreError
+from ikd_sweep.home import Home
 from ikd_sweep.trials import Trial
 
-DB_NAME, ARTIFACTS_DIR, LOST_METRICS_DIR = "mlflow.db", "mlartifacts", "lost-metrics"
 STUDENT_ARTIFACT = "student"  # a trial run's selected student (a Hugging Face model folder)
 TRIALS_ARTIFACT = "trials.json"  # the parent run's list of expected trials
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
@@ -61,7 +61,7 @@ def resolve_tracking_uri(uri: str | None, home: Path) -> str:
     if uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return absolute_sqlite_uri(uri or os.environ["MLFLOW_TRACKING_URI"])
     Path(home).expanduser().mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(home).expanduser().resolve()}/{DB_NAME}"
+    return Home(home).store_uri
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -92,14 +92,14 @@ def require_store(tracking_uri: str) -> str:
 
 
 def home_for(tracking_uri: str) -> Path:
-    """The SQLite database's folder, else :func:`default_home` (for a tracking server)."""
-    return path.parent if (path := sqlite_path(tracking_uri)) else default_home().resolve()
+    """The SQLite database's folder, else the default home (for a tracking server)."""
+    return path.parent if (path := sqlite_path(tracking_uri)) else Home.default().root.resolve()
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
     """``file://<home>/mlartifacts`` for SQLite stores; None for servers (the server decides)."""
     path = sqlite_path(tracking_uri)
-    return None if path is None else (path.parent / ARTIFACTS_DIR).resolve().as_uri()
+    return None if path is None else Home(path.parent).artifacts.resolve().as_uri()
 
 
 def device_tags(info: dict[str, str]) -> dict[str, str]:
@@ -124,6 +124,13 @@ def _git(*args: str) -> str | None:
 
 
 @cache
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (None outside one): git, not MLflow,
+    so Ray workers (which never import MLflow) read it too."""
+    return _git("rev-parse", "HEAD") or None
+
+
+@cache
 def code_metadata() -> dict[str, str]:
     """Tags every run carries: library versions, git commit and dirty flag of the package's
     checkout (none when installed from a wheel), and MLflow's own source tags."""
@@ -138,7 +145,7 @@ def code_metadata() -> dict[str, str]:
         tags[TAG.USER] = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)
         pass
-    sha = _git("rev-parse", "HEAD")
+    sha = git_commit()
     if sha:
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         tags.update({TAG.GIT: sha, TAG.GIT_COMMIT: sha,

@@ -36,7 +36,9 @@ from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import TaskData, iterate, prepare_data
 from ikd_sweep.errors import CacheError
 from ikd_sweep.files import atomic_path
+from ikd_sweep.home import Home
 from ikd_sweep.models import autocast, build_model, load_tokenizer, model_inputs
+from ikd_sweep.names import DEV
 from ikd_sweep.trainer import Callback, FitSettings, evaluate, fit, pick_device, seed_everything
 from ikd_sweep.trials import trial_seed
 
@@ -91,7 +93,7 @@ def teacher_key(cfg: SweepConfig, task: str, seed: int) -> str:
 
 
 def teacher_dir(cfg: SweepConfig, task: str, seed: int, home: Path) -> Path:
-    return home / "cache" / "teachers" / teacher_key(cfg, task, seed)
+    return Home(home).teacher(teacher_key(cfg, task, seed))
 
 
 def _locked(path: Path) -> FileLock:
@@ -108,19 +110,16 @@ class _EpochProgress:
     """Trainer callback of a teacher's fit: one `progress` call per evaluation (epoch end)."""
 
     def __init__(self, progress: Callable[[dict[str, Any]], None], task: str, seed: int,
-                 epochs: float, inner: Callback | None) -> None:
-        self.progress, self.inner = progress, inner
+                 epochs: float) -> None:
+        self.progress = progress
         self.info = {"task": task, "seed": int(seed), "epochs": math.ceil(epochs)}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.inner is not None:
-            self.inner.log(metrics, step)
+        pass
 
     def report(self, metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
-        if self.inner is not None:
-            self.inner.report(metrics, step, checkpoint)
         self.progress({**self.info, "epoch": math.ceil(metrics.get("epoch", 0) - 1e-9),
-                       "dev_main": float(metrics["dev/main"])})
+                       "dev_main": float(metrics[DEV])})
 
 
 def _failure_marker(out: Path) -> Path:
@@ -128,7 +127,7 @@ def _failure_marker(out: Path) -> Path:
 
 
 def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
-                   device: str | None = None, callback: Callback | None = None,
+                   device: str | None = None,
                    progress: Callable[[dict[str, Any]], None] | None = None,
                    attempt: str | None = None) -> Path:
     """The folder of the fine-tuned teacher for (task, seed), training it if not cached.
@@ -152,9 +151,8 @@ def ensure_teacher(cfg: SweepConfig, task: str, seed: int, home: Path, *,
                 raise TeacherFailed(f"teacher of {task} seed {seed} failed in this run: "
                                     f"{failed.get('error', 'unknown error')}")
         try:
-            _fine_tune(cfg, task, seed, home, out, device,
-                       callback if progress is None else _EpochProgress(
-                           progress, task, seed, cfg.teacher.epochs, callback))
+            _fine_tune(cfg, task, seed, home, out, device, None if progress is None else
+                       _EpochProgress(progress, task, seed, cfg.teacher.epochs))
         except Exception as e:
             if attempt is not None:
                 try:
@@ -173,7 +171,7 @@ def _fine_tune(cfg: SweepConfig, task: str, seed: int, home: Path, out: Path,
     dev = pick_device(device)
     tokenizer = load_tokenizer(cfg.teacher.model)
     settings = FitSettings.for_teacher(cfg, seed)
-    data = prepare_data(task, cfg.data, tokenizer, home / "cache" / "data", settings.seed,
+    data = prepare_data(task, cfg.data, tokenizer, Home(home).data_cache, settings.seed,
                         method="teacher")
     seed_everything(settings.seed)
     model = build_model(cfg.teacher, data.task.num_labels)
@@ -181,7 +179,7 @@ def _fine_tune(cfg: SweepConfig, task: str, seed: int, home: Path, out: Path,
                   pad_id=tokenizer.pad_token_id or 0)
     # The saved (final) model's scores: what every kd/ikd trial of this seed starts from.
     scores = {f"{name}/{k}": v for name, split in (("val", data.val), ("dev", data.dev))
-              for k, v in evaluate(model, split, data.task, dev, settings.eval_batch_size,
+              for k, v in evaluate(model, split, data.task, dev, settings.train.eval_batch_size,
                                    tokenizer.pad_token_id or 0).items()}
     with atomic_path(out) as tmp:  # a crash leaves no half-written teacher behind
         model.save_pretrained(tmp)

@@ -33,8 +33,9 @@ from mlflow.exceptions import MlflowException
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.errors import UnknownSweep
+from ikd_sweep.home import Home
+from ikd_sweep.names import SEL_DEV, SEL_VAL
 from ikd_sweep.store import (
-    LOST_METRICS_DIR,
     ROLE_SWEEP,
     ROLE_TRIAL,
     STUDENT_ARTIFACT,
@@ -197,10 +198,10 @@ class SweepTracker:
 
     # -- sweep (parent) runs ------------------------------------------------------------------
 
-    def start_sweep(self, sweep_name: str, config: dict[str, Any],
-                    trials: list[dict[str, Any]] | None = None, *, restart: bool = False) -> str:
+    def start_sweep(self, sweep_name: str, config: dict[str, Any], *,
+                    restart: bool = False) -> str:
         """Get (or, with ``restart``, replace) the sweep's parent run and set it RUNNING;
-        records ``config`` and, when given, the expected ``trials``. Returns its run id."""
+        records ``config`` (the expected trials: `set_expected_trials`). Returns its run id."""
         client = self.client
         parents = [r for r in self._search(f"tags.`{TAG.ROLE}` = '{ROLE_SWEEP}'")
                    if r.data.tags.get(TAG.SWEEP) == sweep_name
@@ -216,8 +217,6 @@ class SweepTracker:
             run_id = client.create_run(self.experiment_id, tags=tags, run_name=sweep_name
                                        ).info.run_id
         client.log_dict(run_id, _jsonable(config), "sweep.json")
-        if trials is not None:
-            self.set_expected_trials(run_id, trials)
         return run_id
 
     def set_expected_trials(self, parent_run_id: str, trials: list[dict[str, Any]]) -> None:
@@ -308,11 +307,11 @@ class SweepTracker:
             if not was_down:
                 _log.warning("MLflow tracking unreachable (%s); undelivered metrics go to %s",
                              (str(exc).splitlines() or [type(exc).__name__])[0][:300],
-                             self.home / LOST_METRICS_DIR)
+                             Home(self.home).lost_metrics)
             self._write_lost(run_id, entry, str(exc))
 
     def lost_metrics_path(self, run_id: str) -> Path:
-        return self.home / LOST_METRICS_DIR / f"{run_id}.jsonl"
+        return Home(self.home).lost_metrics / f"{run_id}.jsonl"
 
     def _write_lost(self, run_id: str, entry: list[Any], reason: str) -> None:
         with self._lock:
@@ -364,7 +363,7 @@ class SweepTracker:
                 _log.warning("Run %s: could not record %s in MLflow: %s", run_id, name, exc)
                 failed.append(name)
         if failed:  # the end of the run could not be recorded either: keep it on disk
-            path = self.home / LOST_METRICS_DIR / f"{run_id}.finish.json"
+            path = Home(self.home).lost_metrics / f"{run_id}.finish.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"run_id": run_id, "status": status, "error": error,
                                         "final_metrics": final_metrics, "not_recorded": failed},
@@ -435,8 +434,8 @@ def sweep_progress(tracking_uri: str, sweep: str | None = None) -> dict[str, Any
             "trial_id": tags.get(TAG.TRIAL_ID, ""), "task": tags.get(TAG.TASK),
             "method": tags.get(TAG.METHOD), "status": r.info.status,
             "error": tags.get(TAG.ERROR), "start_ms": r.info.start_time,
-            "end_ms": r.info.end_time, "sel_val_main": m.get("sel/val_main"),
-            "sel_dev_main": m.get("sel/dev_main")})
+            "end_ms": r.info.end_time, "sel_val_main": m.get(SEL_VAL),
+            "sel_dev_main": m.get(SEL_DEV)})
     return {"sweep": parent.data.tags.get(TAG.SWEEP), "run_id": parent.info.run_id,
             "status": parent.info.status, "start_ms": parent.info.start_time,
             "expected": load_trials(client, parent.info.run_id), "runs": list(runs.values())}

@@ -6,8 +6,6 @@ trial -> teacher cache -> trainer (the cache fine-tunes teachers with the traine
 
 from __future__ import annotations
 
-import functools
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,10 @@ from typing import Any
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import Split, prepare_data
+from ikd_sweep.home import Home
 from ikd_sweep.models import build_model, load_tokenizer
+from ikd_sweep.names import HPARAMS
+from ikd_sweep.store import git_commit
 from ikd_sweep.trainer import (
     Callback,
     FitSettings,
@@ -24,7 +25,7 @@ from ikd_sweep.trainer import (
     pick_device,
     seed_everything,
 )
-from ikd_sweep.trials import HPARAMS, Trial, trial_seed
+from ikd_sweep.trials import Trial, trial_seed
 
 # The dev score of always guessing the training rows' majority (`Task.majority_baseline`).
 MAJORITY_DEV = "baseline/majority_dev_main"
@@ -42,7 +43,7 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
     dev = pick_device(device)
     seed = trial_seed(cfg, trial)
     tokenizer = load_tokenizer(cfg.teacher.model)
-    data = prepare_data(trial.task, cfg.data, tokenizer, home / "cache" / "data", seed, splits,
+    data = prepare_data(trial.task, cfg.data, tokenizer, Home(home).data_cache, seed, splits,
                         method=trial.method)
     teacher = logits = None
     teacher_scores: dict[str, float] = {}
@@ -72,19 +73,6 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
     result[MAJORITY_DEV] = data.task.majority_baseline(data.labelled.labels,
                                                        data.dev.labels)["main"]
     return result
-
-
-@functools.cache
-def git_commit() -> str | None:
-    """The commit of the checkout this package runs from (None outside one): git, not MLflow,
-    since this runs in Ray workers, which never import MLflow."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip() if out.returncode == 0 else ""
-    return sha or None
 
 
 def card_facts(cfg: SweepConfig, trial: Trial, seed: int) -> dict[str, Any]:

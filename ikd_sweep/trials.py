@@ -2,11 +2,9 @@
 plan (`SweepPlan`: both phases, optuna studies, the control rule, totals), seeds and picking one
 trial by hand.
 
-The one home of these facts: the CLI, the sweep driver, the live view, the trainer's assembly
-(`trial.py`), the teacher cache and analysis all read them from here. `finetune` uses no
-hyperparameter of the search, `kd` the temperature, `ikd` temperature, exam_every and
-teacher_lr (`METHOD_HPARAMS`); `ikd` with teacher_lr 0 is its own method, the control
-(`CONTROL`, `method_label`).
+The CLI, the sweep driver, the live view, the trainer's assembly (`trial.py`) and the teacher
+cache read trials from here; the names they are made of (methods, phases, hyperparameters,
+which method uses which, the control rule) live in `ikd_sweep.names`.
 """
 
 from __future__ import annotations
@@ -18,29 +16,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ikd_sweep.config import METHODS, SweepConfig
+from ikd_sweep.config import SweepConfig
 from ikd_sweep.errors import UserError
-
-HPARAMS = ("temperature", "exam_every", "teacher_lr")
-# Which search hyperparameters each method uses; the others stay None in its trials.
-METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
-    "finetune": (),
-    "kd": ("temperature",),
-    "ikd": ("temperature", "exam_every", "teacher_lr"),
-}
-# ikd with a teacher that never moves (teacher_lr 0): the report's control method, selected
-# and confirmed apart from ikd.
-CONTROL = "ikd-control"
-
-
-def method_label(method: str, teacher_lr: float | None) -> str:
-    """The method a trial counts for in the report: `CONTROL` for ikd with teacher_lr 0."""
-    return CONTROL if method == "ikd" and teacher_lr == 0 else method
-
-
-def base_method(label: str) -> str:
-    """The method a report label trains with (`CONTROL` is an ikd trial)."""
-    return "ikd" if label == CONTROL else label
+from ikd_sweep.names import (
+    CONFIRM,
+    CONTROL,
+    CONTROL_TEACHER_LR,
+    HPARAMS,
+    METHOD_HPARAMS,
+    METHODS,
+    SEARCH,
+    base_method,
+    method_label,
+)
 
 
 @dataclass(frozen=True)
@@ -53,9 +41,7 @@ class Trial:
     temperature: float | None = None
     exam_every: int | None = None
     teacher_lr: float | None = None
-    # "search" (the settings being compared) or "confirm" (the selected setting re-run on a
-    # fresh seed from search.confirm_seeds); recorded as the tag ikd.phase.
-    phase: str = "search"
+    phase: str = SEARCH  # names.PHASES
 
     @property
     def trial_id(self) -> str:
@@ -74,7 +60,7 @@ class Trial:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Trial:
         return cls(d["task"], d["method"], d["seed"], *(d.get(h) for h in HPARAMS),
-                   phase=d.get("phase") or "search")
+                   phase=d.get("phase") or SEARCH)
 
 
 def trial_seed(cfg: SweepConfig, trial: Trial | int) -> int:
@@ -87,7 +73,7 @@ def trial_seed(cfg: SweepConfig, trial: Trial | int) -> int:
 
 
 def _method_trial(task: str, method: str, seed: int, setting: Mapping[str, Any],
-                  phase: str = "search") -> Trial:
+                  phase: str = SEARCH) -> Trial:
     """A Trial with only the hyperparameters `method` uses; a missing or NaN one is an error."""
     values: dict[str, Any] = {}
     for h in METHOD_HPARAMS[method]:
@@ -117,7 +103,7 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
         return [dict(zip(used, p, strict=True))
                 for p in itertools.product(*(getattr(s, h) for h in used))]
     # teacher_lr 0 is the control (a teacher that never moves), not the end of a range.
-    moving_lrs = [lr for lr in s.teacher_lr if lr > 0]
+    moving_lrs = [lr for lr in s.teacher_lr if lr != CONTROL_TEACHER_LR]
 
     def draw(h: str) -> float | int:  # random search: the range a list spans
         values = moving_lrs if h == "teacher_lr" else getattr(s, h)
@@ -135,8 +121,8 @@ def _hyper_points(cfg: SweepConfig, method: str, rng: random.Random) -> list[dic
         if "teacher_lr" in used:
             if moving_lrs:
                 points.append(tuple(p.items()))
-            if 0 in s.teacher_lr:  # the control, paired with the same other hyperparameters
-                points.append(tuple({**p, "teacher_lr": 0.0}.items()))
+            if CONTROL_TEACHER_LR in s.teacher_lr:  # the control, with the same other values
+                points.append(tuple({**p, "teacher_lr": CONTROL_TEACHER_LR}.items()))
         else:
             points.append(tuple(p.items()))
     return [dict(p) for p in dict.fromkeys(points)]  # a repeated draw is one trial, not two
@@ -174,7 +160,8 @@ def _optuna_spaces(cfg: SweepConfig, method: str) -> list[Study]:
     s = cfg.search
     used = METHOD_HPARAMS[method]
     # The control (teacher_lr 0) is not the end of a range: it gets a search of its own.
-    lr_lists = [[lr for lr in s.teacher_lr if lr > 0], [0.0] if 0 in s.teacher_lr else []]
+    lr_lists = [[lr for lr in s.teacher_lr if lr != CONTROL_TEACHER_LR],
+                [CONTROL_TEACHER_LR] if CONTROL_TEACHER_LR in s.teacher_lr else []]
     studies = []
     for lrs in [v for v in lr_lists if v] if "teacher_lr" in used else [None]:
         ranges, fixed = [], []
@@ -227,7 +214,7 @@ def confirm_trials(cfg: SweepConfig, task: str, method: str,
     values of hyperparameters the method does not use (NaN there) are ignored."""
     if method not in METHOD_HPARAMS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    return [_method_trial(task, method, seed, setting, phase="confirm")
+    return [_method_trial(task, method, seed, setting, phase=CONFIRM)
             for seed in cfg.search.confirm_seeds]
 
 

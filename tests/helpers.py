@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from ikd_sweep.config import ModelConfig
 from ikd_sweep.models import MINILM
+from ikd_sweep.store import ROLE_SWEEP, ROLE_TRIAL, TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"  # the original GLUE TSVs, beside the checkout
@@ -128,8 +129,8 @@ def runs_of(home: Path, sweep: str) -> tuple[list, list]:
     client = store(home)
     exp = client.get_experiment_by_name(sweep)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("ikd.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("ikd.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_SWEEP]
+    children = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_TRIAL]
     return parents, children
 
 
@@ -165,3 +166,10 @@ def tiny_spec(**config) -> ModelConfig:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def start_sweep(tracker, name: str, config: dict, trials: list, **kw) -> str:
+    """A sweep's parent run with its expected trials, as the driver makes it."""
+    parent = tracker.start_sweep(name, config, **kw)
+    tracker.set_expected_trials(parent, trials)
+    return parent

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import migrated_store
+from helpers import migrated_store, start_sweep
 from scipy import stats
 
 from analysis import render
@@ -23,6 +23,18 @@ from analysis.plots import make_plots
 from analysis.report import NoFinishedRuns, make_report, normalize_formats
 from analysis.stats import holm
 from analysis.tables import budget_curves, build_report, select_settings
+from ikd_sweep.names import (
+    BEST_DEV,
+    CONTROL,
+    DEV,
+    FINAL_DEV,
+    SEL_DEV,
+    SEL_STEP,
+    SEL_VAL,
+    TEACHER_DEV,
+    VAL,
+)
+from ikd_sweep.store import TAG
 from ikd_sweep.tracking import SweepTracker
 
 SEEDS = (1, 2, 3)
@@ -102,27 +114,27 @@ def run_trial(
         "train": {"lr": 3e-5, "alpha": 0.5},
         "ikd": {"estimator": "exact"},
     }
-    tags = {"ikd.phase": trial["phase"]} if tag_phase else {}
+    tags = {TAG.PHASE: trial["phase"]} if tag_phase else {}
     run_id = tracker.trial_run(parent, trial["trial_id"], tags=tags, params=params)
     vals = [val - 0.02, val, val - 0.01]
     devs = [dev + 0.03, dev, dev - 0.01]
     best_val, best_dev = -math.inf, -math.inf
     for i, step in enumerate(STEPS):
         best_dev = max(best_dev, devs[i])
-        metrics = {"train/loss": 1.0 / step, "val/main": vals[i], "dev/main": devs[i]}
+        metrics = {"train/loss": 1.0 / step, VAL: vals[i], DEV: devs[i]}
         metrics["dev/accuracy"] = devs[i]
         if vals[i] > best_val:
             best_val = vals[i]
-            sel = {"sel/val_main": vals[i], "sel/dev_main": devs[i], "sel/step": step}
+            sel = {SEL_VAL: vals[i], SEL_DEV: devs[i], SEL_STEP: step}
         metrics.update(sel)
-        metrics["best/dev_main"] = best_dev
+        metrics[BEST_DEV] = best_dev
         if trial["method"] == "ikd":
-            metrics["teacher/dev_main"] = 0.9 + step / 10000
+            metrics[TEACHER_DEV] = 0.9 + step / 10000
         tracker.log_metrics(run_id, metrics, step)
     if status == "RUNNING":
         return run_id
-    final = {**sel, "final/dev_main": devs[-1], "final/dev_accuracy": devs[-1]}
-    final["best/dev_main"] = best_dev
+    final = {**sel, FINAL_DEV: devs[-1], "final/dev_accuracy": devs[-1]}
+    final[BEST_DEV] = best_dev
     if status == "FINISHED":
         tracker.log_metrics(run_id, final, STEPS[-1])
     tracker.finish_trial(
@@ -151,7 +163,7 @@ def glue_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         for (task, method, temp) in CONFIRMED
         for seed in CONFIRM_SEEDS
     ]
-    parent = tracker.start_sweep("glue_demo", {"name": "glue_demo"}, trials)
+    parent = start_sweep(tracker, "glue_demo", {"name": "glue_demo"}, trials)
     for (task, method, temp), (vals, devs) in SCORES.items():
         for seed, val, dev in zip(SEEDS, vals, devs, strict=True):
             run_trial(tracker, parent, trial_dict(task, method, temp, seed), val, dev)
@@ -207,7 +219,7 @@ def test_collect_runs_frame(glue_store, glue_report) -> None:
     assert row["duration_s"] >= 0
     ft = runs.set_index("trial_id").loc["rte-finetune-s1"]
     assert math.isnan(ft["temperature"]) and pd.isna(ft["estimator"])
-    hist = data.history(row["run_id"], "dev/main")
+    hist = data.history(row["run_id"], DEV)
     assert list(hist["step"]) == list(STEPS)
     assert list(hist["value"]) == pytest.approx([0.88, 0.85, 0.84])
 
@@ -436,7 +448,7 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
         ("ikd", 1.0, 3, None, 0.0),
     ]
     trials = [trial_dict("cola", m, t, s) for m, t, s, _, _ in plan]
-    parent = tracker.start_sweep("messy", {}, trials)
+    parent = start_sweep(tracker, "messy", {}, trials)
     for (method, temp, seed, status, val), trial in zip(plan, trials, strict=True):
         assert trial["seed"] == seed and trial["method"] == method and trial["temperature"] == temp
         if status is not None:
@@ -444,19 +456,9 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
             run_trial(tracker, parent, trial, val, val - 0.1, status=status, error=error)
 
     time.sleep(0.05)  # distinct start times: the newest sweep must be unambiguous
-    # A run recorded before the val split: it finished, but has dev scores only.
-    old = new_tracker(tmp_path_factory, Path(tracker.home), "old")
-    trial = trial_dict("cola", "kd", 1.0, 1)
-    parent = old.start_sweep("old", {}, [trial])
-    run_id = old.trial_run(parent, trial["trial_id"], tags={}, params=trial)
-    old.log_metrics(run_id, {"dev/main": 0.7, "best/dev_main": 0.7}, 10)
-    old.finish_trial(run_id, "FINISHED", final_metrics={"final/dev_main": 0.7})
-    old.end_sweep(parent, "FINISHED")
-
-    time.sleep(0.05)
     failing = new_tracker(tmp_path_factory, Path(tracker.home), "broken")
     trials = [trial_dict("cola", "kd", 1.0, s) for s in (1, 2)]
-    parent = failing.start_sweep("broken", {}, trials)
+    parent = start_sweep(failing, "broken", {}, trials)
     for trial in trials:
         run_trial(failing, parent, trial, 0.5, 0.4, status="FAILED", error="ValueError: bad config")
     return tracker.tracking_uri
@@ -543,16 +545,13 @@ def test_only_failed_runs_raise(messy_store: str) -> None:
     message = str(info.value)
     assert "'broken'" in message and "FAILED=2" in message and "bad config" in message
     assert info.value.counts == {"FAILED": 2}
-    # Finished, but nothing to select on: dev scores alone are not used to choose.
-    with pytest.raises(NoFinishedRuns, match="no runs with a validation score.*sel/val_main"):
-        make_report("old", messy_store)
 
 
 def test_latest_sweep_and_lookup_errors(
     messy_store: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     assert collect(None, messy_store).sweep == "broken"
-    with pytest.raises(LookupError, match="known sweeps: broken, old, messy"):
+    with pytest.raises(LookupError, match="known sweeps: broken, messy"):
         collect("nope", messy_store)
     empty = new_tracker(tmp_path_factory, tmp_path / "empty", "x")
     assert empty.experiment_id
@@ -560,20 +559,17 @@ def test_latest_sweep_and_lookup_errors(
         collect(None, empty.tracking_uri)
 
 
+def two_kd_runs(task: str) -> pd.DataFrame:
+    """Two finished kd seeds of `task`: nothing but the columns a report needs."""
+    return pd.DataFrame({"run_id": ["a", "b"], "trial_id": ["t1", "t2"], "task": [task, task],
+                         "method": ["kd", "kd"], "seed": [1, 2],
+                         "status": ["FINISHED", "FINISHED"], "sel_val_main": [0.55, 0.75],
+                         "sel_dev_main": [0.5, 0.7]})
+
+
 def test_tables_without_expected_or_columns() -> None:
     # Pure-pandas input with nothing but the essentials: no expected trials, no hparam columns.
-    runs = pd.DataFrame(
-        {
-            "run_id": ["a", "b"],
-            "trial_id": ["t1", "t2"],
-            "task": ["sst2", "sst2"],
-            "method": ["kd", "kd"],
-            "seed": [1, 2],
-            "status": ["FINISHED", "FINISHED"],
-            "sel_val_main": [0.55, 0.75],
-            "sel_dev_main": [0.5, 0.7],
-        }
-    )
+    runs = two_kd_runs("sst2")
     report = build_report(runs, pd.DataFrame(), "plain")
     row = report.selected.iloc[0]
     assert row["mean"] == pytest.approx(0.6) and not row["incomplete"]
@@ -586,18 +582,7 @@ def test_tables_without_expected_or_columns() -> None:
 
 def test_latex_escapes_names() -> None:
     # A task and a sweep named with LaTeX's special characters must print as typed.
-    runs = pd.DataFrame(
-        {
-            "run_id": ["a", "b"],
-            "trial_id": ["t1", "t2"],
-            "task": ["my_task&co", "my_task&co"],
-            "method": ["kd", "kd"],
-            "seed": [1, 2],
-            "status": ["FINISHED", "FINISHED"],
-            "sel_val_main": [0.55, 0.75],
-            "sel_dev_main": [0.5, 0.7],
-        }
-    )
+    runs = two_kd_runs("my_task&co")
     tex = render.to_latex(build_report(runs, None, "50%_sweep#1"))
     assert "my\\_task\\&co & 60.00 ± 14.14 (2) \\\\" in tex
     assert "sweep 50\\%\\_sweep\\#1" in tex
@@ -634,14 +619,14 @@ def test_control_confirmation_and_selection_api() -> None:
     runs = _frame(rows)
     picked = select_settings(runs, None).set_index("method")
     # teacher_lr 0 is a control, selected on its own: its .70 val does not win ikd's selection.
-    assert set(picked.index) == {"kd", "ikd", "ikd-control"}
+    assert set(picked.index) == {"kd", "ikd", CONTROL}
     assert picked.loc["ikd", "temperature"] == 4.0 and picked.loc["ikd", "teacher_lr"] == 1e-5
-    assert picked.loc["ikd-control", "teacher_lr"] == 0.0
-    assert picked.loc["ikd-control", "base_method"] == "ikd"
+    assert picked.loc[CONTROL, "teacher_lr"] == 0.0
+    assert picked.loc[CONTROL, "base_method"] == "ikd"
     assert math.isnan(picked.loc["kd", "teacher_lr"]) and math.isnan(picked.loc["kd", "exam_every"])
 
     report = build_report(runs, None, "control")
-    assert report.methods == ["kd", "ikd", "ikd-control"]
+    assert report.methods == ["kd", "ikd", CONTROL]
     sel = report.selected.set_index("method")
     assert sel.loc["ikd", "source"] == "confirm" and sel.loc["ikd", "seeds"] == [7, 8]
     assert sel.loc["ikd", "mean"] == pytest.approx(0.62)

@@ -97,13 +97,8 @@ BAD = {
     "wrong type (number)": (15, "  epochs: three", "train.epochs", 15, ["valid number"]),
     "wrong type (list)": (2, "tasks: rte", "tasks", 2, ["valid list"]),
     "wrong type (integer)": (12, "  num_layers: [2]", "student.num_layers", 12, ["valid integer"]),
-    "unknown task": (
-        2,
-        "tasks: [rte, nope]",
-        "tasks",
-        2,
-        ["unknown task", "nope", "known tasks", *TASKS],
-    ),
+    "unknown task": (2, "tasks: [rte, nope]", "tasks", 2,
+                     ["unknown task", "nope", "known tasks", *TASKS]),
     "unknown method": (
         3,
         "methods: [finetune, distil]",
@@ -156,13 +151,8 @@ BAD = {
     "empty exam_every": (20, "  exam_every: []", "search.exam_every", 20, ["at least one"]),
     "empty seeds": (24, "  seeds: []", "search.seeds", 24, ["at least one"]),
     # The model-level check has no field of its own: it points at the enclosing `data:` key.
-    "glue_dir source without glue_dir": (
-        5,
-        "  source: glue_dir",
-        "data",
-        4,
-        ["glue_dir", "data.glue_dir"],
-    ),
+    "glue_dir source without glue_dir": (5, "  source: glue_dir", "data", 4,
+                                         ["glue_dir", "data.glue_dir"]),
 }
 
 
@@ -355,16 +345,12 @@ def test_duplicate_values_are_rejected():
         sweep(tasks=("rte", "rte"))
 
 
+RANDOM = dict(tasks=("rte", "sst2"), temperature=(1, 8), exam_every=(1, 10),
+              teacher_lr=(1e-6, 1e-4), seeds=(1, 2, 3), algorithm="random", num_samples=5)
+
+
 def test_random_search():
-    cfg = sweep(
-        tasks=("rte", "sst2"),
-        temperature=(1, 8),
-        exam_every=(1, 10),
-        teacher_lr=(1e-6, 1e-4),
-        seeds=(1, 2, 3),
-        algorithm="random",
-        num_samples=5,
-    )
+    cfg = sweep(**RANDOM)
     trials = expand_trials(cfg)
     for task in ("rte", "sst2"):
         ft = [t for t in trials if t.task == task and t.method == "finetune"]
@@ -389,15 +375,7 @@ def test_random_search():
     assert len(set(ids)) == len(ids)
     # The draw is seeded by the sweep: the same file expands the same way every time.
     assert expand_trials(cfg) == trials
-    again = sweep(
-        tasks=("rte", "sst2"),
-        temperature=(1, 8),
-        exam_every=(1, 10),
-        teacher_lr=(1e-6, 1e-4),
-        seeds=(1, 2, 3),
-        algorithm="random",
-        num_samples=5,
-    )
+    again = sweep(**RANDOM)
     assert expand_trials(again) == trials
 
 

@@ -21,6 +21,7 @@ from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import prepare_data
 from ikd_sweep.models import load_tokenizer
+from ikd_sweep.names import BEST_DEV, DEV, FINAL_DEV, SEL_DEV, SEL_VAL, TEACHER_DEV
 from ikd_sweep.trial import run_trial
 from ikd_sweep.trials import Trial
 
@@ -52,10 +53,10 @@ class Reports:
         pass
 
     def report(self, metrics, step, checkpoint) -> None:
-        if "dev/main" in metrics:  # evaluated where val/main improves, and at the end
-            self.dev.append(metrics["dev/main"])
-        if "teacher/dev_main" in metrics:
-            self.teacher.append(metrics["teacher/dev_main"])
+        if DEV in metrics:  # evaluated where val/main improves, and at the end
+            self.dev.append(metrics[DEV])
+        if TEACHER_DEV in metrics:
+            self.teacher.append(metrics[TEACHER_DEV])
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def setup(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e-home")
     t0 = time.perf_counter()
     tdir = teacher_cache.ensure_teacher(cfg, "sst2", 1, home, device=CPU)
-    teacher_dev = teacher_cache.teacher_metrics(tdir)["dev/main"]
+    teacher_dev = teacher_cache.teacher_metrics(tdir)[DEV]
     data = prepare_data("sst2", cfg.data, load_tokenizer("minilm"), home / "cache" / "data", 1,
                         method="kd")
     majority = float(np.bincount(data.dev.labels).max() / len(data.dev.labels))
@@ -92,10 +93,10 @@ def test_trial_beats_the_majority_baseline(setup, method):
     # 1000 rows: 100 val, 100 quiz; kd trains on the other 900 (quiz parity), ikd on 800
     assert result["steps"] == 3 * math.ceil((900 if method == "kd" else 800) / 32)
     assert result["teacher/initial_dev_main"] == teacher_dev
-    assert result["sel/val_main"] > majority + MARGIN  # the checkpoint chosen on val ...
-    assert result["sel/dev_main"] > majority + MARGIN  # ... is good on dev too
-    assert result["final/dev_main"] > majority + MARGIN
-    assert result["best/dev_main"] >= result["final/dev_main"]
-    assert rec.dev and rec.dev[-1] == result["final/dev_main"]
+    assert result[SEL_VAL] > majority + MARGIN  # the checkpoint chosen on val ...
+    assert result[SEL_DEV] > majority + MARGIN  # ... is good on dev too
+    assert result[FINAL_DEV] > majority + MARGIN
+    assert result[BEST_DEV] >= result[FINAL_DEV]
+    assert rec.dev and rec.dev[-1] == result[FINAL_DEV]
     if method == "ikd":  # the teacher learned from feedback and stayed a good model
         assert rec.teacher and result["final/teacher_dev_main"] > majority + 0.15

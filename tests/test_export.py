@@ -14,6 +14,9 @@ import pytest
 from helpers import SHARED as SWEEP
 from helpers import SHARED_TRIALS, end_to_end, run_cli, runs_of, store, sweep_file
 
+from ikd_sweep.names import SEL_DEV
+from ikd_sweep.store import TAG
+
 
 def _bytes(paths) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file() and not p.is_symlink())
@@ -50,7 +53,7 @@ def test_finished_trials_keep_only_their_student_on_disk(swept):
     weights = {}
     for c in children:
         art = Path(c.info.artifact_uri.removeprefix("file://")) / "student"
-        assert (art / "model.safetensors").is_file(), c.data.tags["ikd.trial_id"]
+        assert (art / "model.safetensors").is_file(), c.data.tags[TAG.TRIAL_ID]
         weights[c.info.run_id] = (art / "model.safetensors").stat().st_size
     per_trial = counted / len(children)
     ratio = per_trial / (sum(weights.values()) / len(weights))
@@ -87,9 +90,9 @@ def test_export_gives_a_loadable_student_with_the_recorded_dev_score(swept, glue
     assert "seed 2, chosen by the best sel/val_main of seeds 2" in p.stdout
     assert "registered rte-kd version 1" in p.stdout
     _, children = runs_of(home, SWEEP)
-    run = next(c for c in children if c.data.tags["ikd.method"] == "kd"
-               and c.data.params["task"] == "rte" and c.data.tags["ikd.phase"] == "confirm")
-    assert run.data.tags["ikd.trial_id"] in p.stdout
+    run = next(c for c in children if c.data.tags[TAG.METHOD] == "kd"
+               and c.data.params["task"] == "rte" and c.data.tags[TAG.PHASE] == "confirm")
+    assert run.data.tags[TAG.TRIAL_ID] in p.stdout
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -99,7 +102,7 @@ def test_export_gives_a_loadable_student_with_the_recorded_dev_score(swept, glue
                         trial_seed(cfg, 2), method="kd")
     got = evaluate(model, data.dev, data.task, torch.device("cpu"),
                    cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)["main"]
-    recorded = run.data.metrics["sel/dev_main"]
+    recorded = run.data.metrics[SEL_DEV]
     print(f"\nexported kd student: dev main {got:.6f}, recorded sel/dev_main {recorded:.6f}")
     assert abs(got - recorded) <= 1e-4
     card = (out / "README.md").read_text()

@@ -16,6 +16,8 @@ from helpers import end_to_end, run_cli, runs_of, sweep_file
 from typer.testing import CliRunner
 
 from ikd_sweep.cli import app
+from ikd_sweep.names import SEL_VAL
+from ikd_sweep.store import TAG
 
 SEARCH = {"algorithm": "optuna", "num_samples": 2, "seeds": [1, 2], "temperature": [1, 4]}
 
@@ -48,9 +50,9 @@ def test_two_settings_each_on_both_seeds(sweep):
     assert {r.info.status for r in children} == {"FINISHED"}
     seeds = defaultdict(set)
     for r in children:
-        seeds[r.data.params["temperature"]].add(r.data.tags["ikd.seed"])
+        seeds[r.data.params["temperature"]].add(r.data.tags[TAG.SEED])
         # The trial id names the setting and seed, as a grid trial's does.
-        assert r.data.tags["ikd.trial_id"] == (
+        assert r.data.tags[TAG.TRIAL_ID] == (
             f"rte-kd-s{r.data.tags['ikd.seed']}-T{float(r.data.params['temperature']):g}")
     assert len(seeds) == 2 and all(s == {"1", "2"} for s in seeds.values())
     # Each temperature lies in the range the sweep's list spans.
@@ -64,7 +66,7 @@ def test_searcher_learned_the_mean_over_seeds(sweep):
     _, children = runs_of(sweep["home"], "opt")
     by_setting = defaultdict(list)
     for r in children:
-        by_setting[r.data.params["temperature"]].append(r.data.metrics["sel/val_main"])
+        by_setting[r.data.params["temperature"]].append(r.data.metrics[SEL_VAL])
     means = sorted(sum(v) / len(v) for v in by_setting.values())
     state = max((sweep["home"] / "ray" / "opt" / "rte-kd").glob("searcher-state-*.pkl"))
     study = pickle.loads(state.read_bytes())["_ot_study"]

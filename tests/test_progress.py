@@ -7,11 +7,12 @@ import io
 from types import SimpleNamespace
 
 import pytest
-from helpers import SHARED_TRIALS, end_to_end, migrated_store, runs_of
+from helpers import SHARED_TRIALS, end_to_end, migrated_store, runs_of, start_sweep
 from rich.console import Console
 from typer.testing import CliRunner
 
 from ikd_sweep.cli import app
+from ikd_sweep.names import SEL_DEV, SEL_VAL
 from ikd_sweep.progress import SweepView, estimate_eta
 from ikd_sweep.tracking import TAG, SweepTracker
 
@@ -29,7 +30,7 @@ def test_status_counts_trials_and_shows_the_best_selected_score(tmp_path, tmp_pa
                                                                 monkeypatch):
     home = tmp_path / "runs"
     tracker = SweepTracker(migrated_store(tmp_path_factory, home), "watched")
-    parent = tracker.start_sweep("watched", {"name": "watched"}, trials=EXPECTED)
+    parent = start_sweep(tracker, "watched", {"name": "watched"}, EXPECTED)
 
     def run(t: dict) -> str:
         return tracker.trial_run(parent, t["trial_id"], tags={}, params=t)
@@ -38,12 +39,12 @@ def test_status_counts_trials_and_shows_the_best_selected_score(tmp_path, tmp_pa
     # rte-ikd-b: still running, one evaluation so far; wnli-kd-a: not started.
     for t, sel in ((EXPECTED[0], (0.71, 0.66)), (EXPECTED[1], (0.64, 0.69))):
         rid = run(t)
-        tracker.log_metrics(rid, {"sel/val_main": sel[0], "sel/dev_main": sel[1]}, 10)
-        tracker.finish_trial(rid, "FINISHED", final_metrics={"sel/val_main": sel[0]})
+        tracker.log_metrics(rid, {SEL_VAL: sel[0], SEL_DEV: sel[1]}, 10)
+        tracker.finish_trial(rid, "FINISHED", final_metrics={SEL_VAL: sel[0]})
     tracker.finish_trial(run(EXPECTED[2]), "FAILED", error="ValueError: boom")
     rid = run(EXPECTED[3])
-    tracker.client.log_metric(rid, "sel/val_main", 0.55, step=4)
-    tracker.client.log_metric(rid, "sel/dev_main", 0.5, step=4)
+    tracker.client.log_metric(rid, SEL_VAL, 0.55, step=4)
+    tracker.client.log_metric(rid, SEL_DEV, 0.5, step=4)
 
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -84,7 +85,7 @@ def test_live_view_prints_teacher_epochs_counts_and_new_bests():
         result("rte-kd-a", "teacher", task="rte", seed=1, epoch=1, epochs=3, dev_main=0.61)
         view.on_trial_start(trial=b)
         now[0] = 10.0
-        result("rte-kd-a", "final", **{"sel/val_main": 0.7, "sel/dev_main": 0.65})
+        result("rte-kd-a", "final", **{SEL_VAL: 0.7, SEL_DEV: 0.65})
         view.on_trial_complete(trial=a)
         view.on_trial_complete(trial=b)  # no final report: stopped early
         view.on_trial_start(trial=c)

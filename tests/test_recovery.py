@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from helpers import ROOT, cli_env, end_to_end, merge, run_cli, runs_of, start_cli, store, sweep_file
 
+from ikd_sweep.store import TAG
+
 
 def statuses(home: Path, sweep: str) -> tuple[list[str], dict[str, tuple[str, int]]]:
     parents, children = runs_of(home, sweep)
     return ([p.info.status for p in parents],
-            {c.data.tags["ikd.trial_id"]: (c.info.status, c.info.end_time) for c in children})
+            {c.data.tags[TAG.TRIAL_ID]: (c.info.status, c.info.end_time) for c in children})
 
 
 @end_to_end
@@ -35,7 +37,7 @@ def test_early_failure_rerun_retries_it_and_a_broken_tune_state_is_set_aside(tmp
     parents, trials = statuses(home, "early")
     assert parents == ["FAILED"] and trials["wnli-finetune-s1"][0] == "FAILED"
     (failed,) = runs_of(home, "early")[1]
-    assert "non-finite loss" in failed.data.tags["ikd.error"]  # the cause, on the run
+    assert "non-finite loss" in failed.data.tags[TAG.ERROR]  # the cause, on the run
 
     # What a full disk leaves: a 0-byte error.pkl in the Tune folder.
     (pkl,) = (home / "ray" / "early").glob("wnli/*/error.pkl")
@@ -97,7 +99,7 @@ def test_teacher_failure_on_a_full_disk_then_rerun_runs_its_kd_trials(tmp_path):
     _, trials = statuses(home, "full")
     assert trials["wnli-finetune-s1"][0] == "FINISHED"
     assert sorted(s for s, _ in trials.values()) == ["FAILED", "FAILED", "FINISHED"]
-    errors = {c.data.tags["ikd.trial_id"]: c.data.tags.get("ikd.error", "")
+    errors = {c.data.tags[TAG.TRIAL_ID]: c.data.tags.get(TAG.ERROR, "")
               for c in runs_of(home, "full")[1]}
     assert all("\x1b[" not in e for e in errors.values())
     assert all(e.startswith("OSError: no space left on device")

@@ -37,6 +37,9 @@ import pytest
 from helpers import CLI, ROOT, free_port, merge, needs_glue
 from helpers import sweep_file as tiny_sweep_file
 
+from ikd_sweep.names import DEV, FINAL_DEV, VAL
+from ikd_sweep.store import ROLE_SWEEP, ROLE_TRIAL, TAG
+
 RAY = str(Path(sys.executable).with_name("ray"))
 PG_USER, PG_PASSWORD, PG_DB = "ikd", "ikd-test-pw", "mlflow"
 DOWN_S = 6  # how long the killed tracking server stays down before it is started again
@@ -316,8 +319,8 @@ def runs_of(client, sweep: str) -> tuple[list, list]:
     exp = client.get_experiment_by_name(sweep)
     assert exp is not None, f"no experiment {sweep!r} on the server"
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("ikd.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("ikd.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_SWEEP]
+    children = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_TRIAL]
     return parents, children
 
 
@@ -350,22 +353,22 @@ def test_sweep_on_ray_cluster_records_through_mlflow_server_on_postgres(
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent_id = parents[0].info.run_id
     assert len(children) == 3
-    assert sorted(c.data.tags["ikd.trial_id"] for c in children) == sorted(
-        {c.data.tags["ikd.trial_id"] for c in children})
-    assert sorted(c.data.tags["ikd.method"] for c in children) == ["finetune", "kd", "kd"]
+    assert sorted(c.data.tags[TAG.TRIAL_ID] for c in children) == sorted(
+        {c.data.tags[TAG.TRIAL_ID] for c in children})
+    assert sorted(c.data.tags[TAG.METHOD] for c in children) == ["finetune", "kd", "kd"]
     dl = tmp_path / "downloads"
     for c in children:
         run_id = c.info.run_id
-        assert c.info.status == "FINISHED", c.data.tags.get("ikd.error")
+        assert c.info.status == "FINISHED", c.data.tags.get(TAG.ERROR)
         assert c.data.tags["mlflow.parentRunId"] == parent_id
         assert c.data.params["task"] == "wnli" and c.data.params["method"] in ("finetune", "kd")
         assert c.data.params["train.lr"] == "0.001"
         if c.data.params["method"] == "kd":
             assert float(c.data.params["temperature"]) in (1.0, 4.0)
-        for key in ("val/main", "train/loss"):
+        for key in (VAL, "train/loss"):
             hist = client.get_metric_history(run_id, key)
             assert len(hist) >= 2 and len({h.step for h in hist}) == len(hist), key
-        assert "final/dev_main" in c.data.metrics
+        assert FINAL_DEV in c.data.metrics
         assert "ikd.lost_metrics" not in c.data.tags
         # Artifacts go through the server's proxy (mlflow-artifacts:/) into its destination.
         assert c.info.artifact_uri.startswith("mlflow-artifacts:"), c.info.artifact_uri
@@ -375,8 +378,8 @@ def test_sweep_on_ray_cluster_records_through_mlflow_server_on_postgres(
                                                         str(dl / run_id))).read_text())
         final = json.loads(Path(client.download_artifacts(run_id, "final_metrics.json",
                                                           str(dl / run_id))).read_text())
-        assert cfg["trial_id"] == c.data.tags["ikd.trial_id"] and cfg["sweep"] == "scaleout"
-        assert final["final/dev_main"] == pytest.approx(c.data.metrics["final/dev_main"])
+        assert cfg["trial_id"] == c.data.tags[TAG.TRIAL_ID] and cfg["sweep"] == "scaleout"
+        assert final[FINAL_DEV] == pytest.approx(c.data.metrics[FINAL_DEV])
     stored = list((mlflow_server.artifacts).rglob("final_metrics.json"))
     assert len(stored) == 3, stored
     trials = json.loads(Path(client.download_artifacts(parent_id, "trials.json",
@@ -455,7 +458,7 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
                 _, children = runs_of(client, name)
                 for c in children:
                     if c.info.status == "RUNNING" and client.get_metric_history(
-                            c.info.run_id, "dev/main"):
+                            c.info.run_id, DEV):
                         victim = c
                         break
         victim_steps = len(client.get_metric_history(victim.info.run_id, "train/loss"))
@@ -483,12 +486,12 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
 
     parents, children = runs_of(client, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    ids = [c.data.tags["ikd.trial_id"] for c in children]
+    ids = [c.data.tags[TAG.TRIAL_ID] for c in children]
     assert len(ids) == len(set(ids)) == n_trials, ids  # exactly one run per trial
 
     summary, during_outage, delivered_during, lost_total = [], 0, 0, 0
     for c in sorted(children, key=lambda r: r.info.start_time):
-        run_id, trial_id = c.info.run_id, c.data.tags["ikd.trial_id"]
+        run_id, trial_id = c.info.run_id, c.data.tags[TAG.TRIAL_ID]
         lost = _lost_records(home, run_id)
         finish_record = home / "lost-metrics" / f"{run_id}.finish.json"
         lost_steps: dict[str, set[int]] = {}
@@ -514,7 +517,7 @@ def test_tracking_server_killed_mid_sweep(tmp_path, mlflow_server, ray_cluster, 
         assert total, f"{trial_id}: its step count was neither delivered nor reported lost"
         total = int(total)
         expected = {"train/loss": set(range(1, total + 1)),
-                    "val/main": set(range(eval_every, total + 1, eval_every)) | {total}}
+                    VAL: set(range(eval_every, total + 1, eval_every)) | {total}}
         missing_total = 0
         for key, steps in expected.items():
             missing = steps - delivered.get(key, set())

@@ -26,6 +26,9 @@ from helpers import (
     sweep_file,
 )
 
+from ikd_sweep.names import DEV, FINAL_DEV, TEACHER_DEV, VAL
+from ikd_sweep.store import TAG
+
 pytestmark = [pytest.mark.slow, needs_glue]
 N_TRIALS = SHARED_TRIALS["search"] + SHARED_TRIALS["confirm"]
 
@@ -38,19 +41,19 @@ def test_sweep_records_one_parent_and_every_trial(finished_sweep):
     # 2 tasks x (finetune + kd x 2 temperatures + ikd x 2 temperatures) x search seed 1, then
     # 2 tasks x 3 selected settings x confirmation seed 2
     assert len(children) == N_TRIALS
-    assert len({c.data.tags["ikd.trial_id"] for c in children}) == N_TRIALS
+    assert len({c.data.tags[TAG.TRIAL_ID] for c in children}) == N_TRIALS
     client = store(home)
     for c in children:
         assert c.info.status == "FINISHED"
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert c.data.params["task"] in ("rte", "stsb")
         assert "train.lr" in c.data.params
-        hist = client.get_metric_history(c.info.run_id, "dev/main")
+        hist = client.get_metric_history(c.info.run_id, DEV)
         assert len(hist) >= 2 and len({h.step for h in hist}) == len(hist)
-        assert "final/dev_main" in c.data.metrics
-        if c.data.tags["ikd.method"] == "ikd":
+        assert FINAL_DEV in c.data.metrics
+        if c.data.tags[TAG.METHOD] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
-            assert "teacher/dev_main" in c.data.metrics
+            assert TEACHER_DEV in c.data.metrics
     # teachers were fine-tuned once per (task, seed), inside the first trial that needed one
     assert len(list((home / "cache" / "teachers").glob("*/DONE"))) == 4
 
@@ -63,16 +66,16 @@ def test_store_is_written_by_the_driver_only(finished_sweep):
     _, children = runs_of(home, finished_sweep.name)
     client = store(home)
     for c in children:
-        assert c.info.status == "FINISHED", c.data.tags.get("ikd.error")
+        assert c.info.status == "FINISHED", c.data.tags.get(TAG.ERROR)
         total = int(c.data.metrics["steps"])
         hist = {key: {m.step for m in client.get_metric_history(c.info.run_id, key)}
-                for key in ("train/loss", "val/main")}
+                for key in ("train/loss", VAL)}
         # log_every 4, eval_every 2 (and at the end): every logged step, every evaluation.
         evals = set(range(2, total + 1, 2)) | {total}
         assert hist["train/loss"] == set(range(4, total + 1, 4)) | evals
-        assert hist["val/main"] == evals
-        assert "final/dev_main" in c.data.metrics
-        if c.data.tags["ikd.method"] == "ikd":
+        assert hist[VAL] == evals
+        assert FINAL_DEV in c.data.metrics
+        if c.data.tags[TAG.METHOD] == "ikd":
             assert client.get_metric_history(c.info.run_id, "exam/loss")
     assert not (home / "lost-metrics").exists()
 
@@ -87,9 +90,9 @@ def test_confirmation_phase_runs_the_selected_settings_once(finished_sweep):
     words = " ".join(p.stdout.split())  # the summary table may wrap its title
     assert "selected setting" in words and "(n=" in words, p.stdout  # the report's numbers
     parents, children = runs_of(home, finished_sweep.name)
-    phase = {c.data.tags["ikd.trial_id"]: c.data.tags["ikd.phase"] for c in children}
-    confirm = [c for c in children if phase[c.data.tags["ikd.trial_id"]] == "confirm"]
-    assert sorted((c.data.params["task"], c.data.tags["ikd.method"], int(c.data.tags["ikd.seed"]))
+    phase = {c.data.tags[TAG.TRIAL_ID]: c.data.tags[TAG.PHASE] for c in children}
+    confirm = [c for c in children if phase[c.data.tags[TAG.TRIAL_ID]] == "confirm"]
+    assert sorted((c.data.params["task"], c.data.tags[TAG.METHOD], int(c.data.tags[TAG.SEED]))
                   for c in confirm) == [(task, method, 2) for task in ("rte", "stsb")
                                         for method in ("finetune", "ikd", "kd")]
     # The setting is the one the report selects from the search runs.
@@ -98,7 +101,7 @@ def test_confirmation_phase_runs_the_selected_settings_once(finished_sweep):
     selected = build_report(search, runs.expected[runs.expected["trial_id"].map(phase).eq(
         "search")]).selected.set_index(["task", "method"])
     for c in confirm:
-        want = selected.at[(c.data.params["task"], c.data.tags["ikd.method"]), "temperature"]
+        want = selected.at[(c.data.params["task"], c.data.tags[TAG.METHOD]), "temperature"]
         got = c.data.params.get("temperature")
         assert (got is None and want != want) or float(got) == want, (got, want)
     # The parent's list of expected trials holds both phases.
@@ -141,7 +144,7 @@ def wait_finished(proc, home: Path, sweep: str, log: Path, at_least: int) -> dic
                 _, children = runs_of(home, sweep)
             except Exception:  # the store is still being created
                 continue
-            done = {c.data.tags["ikd.trial_id"]: c.info.end_time
+            done = {c.data.tags[TAG.TRIAL_ID]: c.info.end_time
                     for c in children if c.info.status == "FINISHED"}
             if len(done) >= at_least:
                 return done
@@ -160,17 +163,17 @@ def killed_sweep(tmp_path: Path, name: str) -> Path:
 
 
 def finished_trials(home: Path, sweep: str) -> dict[str, int]:
-    return {c.data.tags["ikd.trial_id"]: c.info.end_time for c in runs_of(home, sweep)[1]
+    return {c.data.tags[TAG.TRIAL_ID]: c.info.end_time for c in runs_of(home, sweep)[1]
             if c.info.status == "FINISHED"}
 
 
 def assert_resumed_once(home: Path, sweep: str, before: dict[str, int]) -> None:
     parents, children = runs_of(home, sweep)
     assert len(parents) == 1
-    ids = [c.data.tags["ikd.trial_id"] for c in children]
+    ids = [c.data.tags[TAG.TRIAL_ID] for c in children]
     assert len(ids) == len(set(ids)) == KILLED_TRIALS  # one run each
     assert all(c.info.status == "FINISHED" for c in children)
-    after = {c.data.tags["ikd.trial_id"]: c.info.end_time for c in children}
+    after = {c.data.tags[TAG.TRIAL_ID]: c.info.end_time for c in children}
     for trial_id, end in before.items():
         assert after[trial_id] == end, f"{trial_id} was run again after the resume"
 

@@ -12,12 +12,22 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CLI, ROOT, cli_env, free_port, migrated_store, needs_glue, sweep_file
+from helpers import (
+    CLI,
+    ROOT,
+    cli_env,
+    free_port,
+    migrated_store,
+    needs_glue,
+    start_sweep,
+    sweep_file,
+)
 from mlflow import MlflowClient
 
 from ikd_sweep.cli import ui_command
-from ikd_sweep.config import default_home
-from ikd_sweep.store import TAG, resolve_tracking_uri, sqlite_path
+from ikd_sweep.home import default_home
+from ikd_sweep.names import DEV, FINAL_DEV
+from ikd_sweep.store import ROLE_SWEEP, ROLE_TRIAL, TAG, resolve_tracking_uri, sqlite_path
 from ikd_sweep.tracking import SweepTracker
 
 TRIALS = [
@@ -88,12 +98,12 @@ def test_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_parent_reuse_and_restart(tracker_store) -> None:
     tracker, client, home = tracker_store
     config = {"name": "demo", "tasks": ["sst2"], "path": Path("/x")}
-    first = tracker.start_sweep("demo", config, TRIALS)
-    again = tracker.start_sweep("demo", config, TRIALS)
+    first = start_sweep(tracker, "demo", config, TRIALS)
+    again = start_sweep(tracker, "demo", config, TRIALS)
     assert again == first
     run = client.get_run(first)
     assert run.info.status == "RUNNING"
-    assert run.data.tags["ikd.sweep"] == "demo" and run.data.tags["ikd.role"] == "sweep"
+    assert run.data.tags[TAG.SWEEP] == "demo" and run.data.tags[TAG.ROLE] == ROLE_SWEEP
     assert run.data.tags["ikd.version"]
 
     # Artifacts: sweep.json and trials.json, in <home>/mlartifacts.
@@ -105,20 +115,20 @@ def test_parent_reuse_and_restart(tracker_store) -> None:
 
     tracker.end_sweep(first, "FINISHED")
     # A fresh tracker (e.g. after a restart of the driver) reuses it and sets it RUNNING again.
-    assert SweepTracker(tracker.tracking_uri, "demo").start_sweep("demo", config, TRIALS) == first
+    assert start_sweep(SweepTracker(tracker.tracking_uri, "demo"), "demo", config, TRIALS) == first
     assert client.get_run(first).info.status == "RUNNING"
 
-    restarted = tracker.start_sweep("demo", config, TRIALS, restart=True)
+    restarted = start_sweep(tracker, "demo", config, TRIALS, restart=True)
     assert restarted != first
     assert client.get_run(first).data.tags["ikd.superseded"] == "true"
-    assert tracker.start_sweep("demo", config, TRIALS) == restarted
+    assert start_sweep(tracker, "demo", config, TRIALS) == restarted
     # Another sweep in the same experiment gets its own parent.
-    assert tracker.start_sweep("other", config, TRIALS) not in (first, restarted)
+    assert start_sweep(tracker, "other", config, TRIALS) not in (first, restarted)
 
 
 def test_trial_run_idempotent_metrics_and_artifacts(tracker_store) -> None:
     tracker, client, home = tracker_store
-    parent = tracker.start_sweep("demo", {"name": "demo"}, TRIALS)
+    parent = start_sweep(tracker, "demo", {"name": "demo"}, TRIALS)
     trial = TRIALS[1]
     ids = {
         tracker.trial_run(parent, trial["trial_id"], tags={"extra": "1"}, params=_params(trial))
@@ -135,8 +145,8 @@ def test_trial_run_idempotent_metrics_and_artifacts(tracker_store) -> None:
     tags, params = run.data.tags, run.data.params
     assert run.info.run_name == "sst2-kd-s1"
     assert tags["mlflow.parentRunId"] == parent
-    assert tags["ikd.trial_id"] == "sst2-kd-s1" and tags["ikd.role"] == "trial"
-    assert (tags["ikd.sweep"], tags["ikd.task"], tags["ikd.method"], tags["ikd.seed"]) == (
+    assert tags[TAG.TRIAL_ID] == "sst2-kd-s1" and tags[TAG.ROLE] == ROLE_TRIAL
+    assert (tags[TAG.SWEEP], tags[TAG.TASK], tags[TAG.METHOD], tags[TAG.SEED]) == (
         "demo",
         "sst2",
         "kd",
@@ -149,15 +159,15 @@ def test_trial_run_idempotent_metrics_and_artifacts(tracker_store) -> None:
 
     for step in range(1, 6):
         tracker.log_metrics(
-            run_id, {"train/loss": 1.0 / step, "dev/main": 0.1 * step, "nan": float("nan")}, step
+            run_id, {"train/loss": 1.0 / step, DEV: 0.1 * step, "nan": float("nan")}, step
         )
     tracker.finish_trial(
         run_id,
         "FINISHED",
-        final_metrics={"final/dev_main": 0.5},
+        final_metrics={FINAL_DEV: 0.5},
         trial_config={"task": "sst2", "seed": 1},
     )
-    history = client.get_metric_history(run_id, "dev/main")
+    history = client.get_metric_history(run_id, DEV)
     assert [(m.step, round(m.value, 6)) for m in history] == [
         (s, round(0.1 * s, 6)) for s in range(1, 6)
     ]
@@ -175,15 +185,15 @@ def test_trial_run_idempotent_metrics_and_artifacts(tracker_store) -> None:
 
 def test_failed_trial_and_mark_unfinished(tracker_store) -> None:
     tracker, client, _ = tracker_store
-    parent = tracker.start_sweep("demo", {}, TRIALS)
+    parent = start_sweep(tracker, "demo", {}, TRIALS)
     failing = tracker.trial_run(parent, "sst2-ft-s1", tags={}, params=_params(TRIALS[0]))
     running = tracker.trial_run(parent, "sst2-kd-s1", tags={}, params=_params(TRIALS[1]))
     message = "Traceback ...\n" + "x" * 20000 + "\nRuntimeError: CUDA out of memory"
     tracker.finish_trial(failing, "FAILED", error=message)
     run = client.get_run(failing)
     assert run.info.status == "FAILED"
-    assert run.data.tags["ikd.error"].endswith("RuntimeError: CUDA out of memory")
-    assert len(run.data.tags["ikd.error"]) <= 5000
+    assert run.data.tags[TAG.ERROR].endswith("RuntimeError: CUDA out of memory")
+    assert len(run.data.tags[TAG.ERROR]) <= 5000
 
     assert tracker.mark_unfinished(parent) == 1
     assert client.get_run(running).info.status == "KILLED"
@@ -192,7 +202,7 @@ def test_failed_trial_and_mark_unfinished(tracker_store) -> None:
 
     # Retrying the failed trial clears the stale error.
     assert tracker.trial_run(parent, "sst2-ft-s1", tags={}, params=_params(TRIALS[0])) == failing
-    assert "ikd.error" not in client.get_run(failing).data.tags
+    assert TAG.ERROR not in client.get_run(failing).data.tags
 
 
 _RACE = textwrap.dedent(
@@ -250,7 +260,7 @@ def test_unreachable_server_keeps_training_and_reports_loss(
     assert time.monotonic() - t0 < 10
 
     t0 = time.monotonic()
-    tracker.finish_trial(run_id, "FINISHED", final_metrics={"final/dev_main": 0.5})
+    tracker.finish_trial(run_id, "FINISHED", final_metrics={FINAL_DEV: 0.5})
     assert time.monotonic() - t0 < 30
     lost = tracker.lost_metrics_path(run_id)
     assert lost == tmp_path / "lost-metrics" / f"{run_id}.jsonl"
@@ -264,7 +274,7 @@ def test_unreachable_server_keeps_training_and_reports_loss(
 
 def test_rejected_batch_is_reported_lost_and_tagged(tracker_store, caplog) -> None:
     tracker, client, _ = tracker_store
-    parent = tracker.start_sweep("demo", {}, TRIALS)
+    parent = start_sweep(tracker, "demo", {}, TRIALS)
     run_id = tracker.trial_run(parent, "sst2-kd-s1", tags={}, params=_params(TRIALS[1]))
     real = tracker.client.log_batch
     outage = {"left": 1}
@@ -279,14 +289,14 @@ def test_rejected_batch_is_reported_lost_and_tagged(tracker_store, caplog) -> No
 
     tracker.client.log_batch = flaky
     for step in range(4):
-        tracker.log_metrics(run_id, {"dev/main": float(step)}, step, timestamp_ms=1000 + step)
+        tracker.log_metrics(run_id, {DEV: float(step)}, step, timestamp_ms=1000 + step)
     tracker.finish_trial(run_id, "FINISHED")
-    history = client.get_metric_history(run_id, "dev/main")
+    history = client.get_metric_history(run_id, DEV)
     assert sorted((m.step, m.value, m.timestamp) for m in history) == [
         (s, float(s), 1000 + s) for s in range(1, 4)
     ]
     lost = [json.loads(line) for line in tracker.lost_metrics_path(run_id).read_text().splitlines()]
-    assert [(r["key"], r["step"], r["timestamp"]) for r in lost] == [("dev/main", 0, 1000)]
+    assert [(r["key"], r["step"], r["timestamp"]) for r in lost] == [(DEV, 0, 1000)]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["ikd.lost_metrics"] == "1"
     messages = [r.getMessage() for r in caplog.records]
@@ -345,16 +355,16 @@ def test_train_records_its_trial_under_its_own_parent_run_tagged_with_code_and_d
     exp = client.get_experiment_by_name("single")
     assert exp.tags[TAG.EXPERIMENT_KIND] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("ikd.role") == "sweep"]
-    (child,) = [r for r in runs if r.data.tags.get("ikd.role") == "trial"]
-    assert parent.data.tags["ikd.sweep"] == "single-train"
+    (parent,) = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_SWEEP]
+    (child,) = [r for r in runs if r.data.tags.get(TAG.ROLE) == ROLE_TRIAL]
+    assert parent.data.tags[TAG.SWEEP] == "single-train"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert child.data.tags["ikd.trial_id"] == "wnli-finetune-s1"
+    assert child.data.tags[TAG.TRIAL_ID] == "wnli-finetune-s1"
     assert child.info.status == "FINISHED" and child.data.params["train.lr"] == "0.001"
     total = int(child.data.metrics["steps"])
     losses = client.get_metric_history(child.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == list(range(1, total + 1))
-    assert "final/dev_main" in child.data.metrics
+    assert FINAL_DEV in child.data.metrics
     # Every run carries the code, the libraries and where it ran.
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
@@ -384,3 +394,22 @@ def test_train_no_track_runs_without_mlflow_or_ray(tmp_path: Path):
     # ... and without --no-track the missing mlflow is what stops it.
     p = _cli(_NO_MLFLOW_NO_RAY, ["train", path, *TRAIN], home, cwd=ROOT)
     assert p.returncode != 0 and "mlflow" in p.stderr
+
+
+def test_the_names_users_and_scripts_rely_on_stay_as_they_are():
+    """Tests and code spell names through ikd_sweep.names and store.TAG; this pins their text,
+    which queries, dashboards and scripts use."""
+    from ikd_sweep import names
+
+    assert (names.VAL, names.DEV, names.SEL_VAL, names.SEL_DEV, names.SEL_STEP) == (
+        "val/main", "dev/main", "sel/val_main", "sel/dev_main", "sel/step")
+    assert (names.FINAL_DEV, names.BEST_DEV, names.TEACHER_VAL, names.TEACHER_DEV,
+            names.STARTUP) == ("final/dev_main", "best/dev_main", "teacher/val_main",
+                               "teacher/dev_main", "sys/startup_s")
+    assert names.METHOD_ORDER == ("finetune", "kd", "ikd", "ikd-control")
+    assert names.PHASES == ("search", "confirm")
+    assert names.HPARAMS == ("temperature", "exam_every", "teacher_lr")
+    assert (TAG.SWEEP, TAG.ROLE, TAG.TRIAL_ID, TAG.TASK, TAG.METHOD, TAG.SEED, TAG.PHASE,
+            TAG.ERROR) == ("ikd.sweep", "ikd.role", "ikd.trial_id", "ikd.task", "ikd.method",
+                           "ikd.seed", "ikd.phase", "ikd.error")
+    assert (ROLE_SWEEP, ROLE_TRIAL) == ("sweep", "trial")

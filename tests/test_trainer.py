@@ -21,9 +21,9 @@ from helpers import merge, needs_glue, tiny_spec
 from helpers import sweep_raw as tiny_sweep
 from typer.testing import CliRunner
 
+from ikd_sweep import names, trainer
 from ikd_sweep import step as step_module
 from ikd_sweep import teacher as teacher_cache
-from ikd_sweep import trainer
 from ikd_sweep import trial as trial_module
 from ikd_sweep.cli import app
 from ikd_sweep.config import SweepConfig
@@ -272,10 +272,10 @@ def test_callback_receives_the_promised_metric_names(home, method):
     logged = {k for _, m in rec.logs for k in m}
     reported = {k for _, m, _ in rec.reports for k in m}
     assert {"train/loss", "samples_per_s"} <= logged
-    assert {"val/main", "val/accuracy", "dev/main", "dev/accuracy", "best/dev_main"} <= reported
-    assert {"sel/val_main", "sel/dev_main", "sel/step"} <= reported
+    assert {names.VAL, "val/accuracy", names.DEV, "dev/accuracy", names.BEST_DEV} <= reported
+    assert {names.SEL_VAL, names.SEL_DEV, names.SEL_STEP} <= reported
     distill = {"train/kd_loss"}
-    teacher = {"teacher/val_main", "teacher/dev_main"}
+    teacher = {names.TEACHER_VAL, names.TEACHER_DEV}
     ikd_only = {"exam/loss", "exam/hypergrad_norm", "exam/teacher_update_norm",
                 "exam/lookahead_over_real_step"}
     if method == "finetune":
@@ -293,18 +293,18 @@ def test_callback_receives_the_promised_metric_names(home, method):
     for _, m in rec.logs:
         assert all(math.isfinite(v) for v in m.values())
     assert [s for s, _, _ in rec.reports] == [4, 8, STEPS[method]]
-    assert {"final/dev_main", "final/dev_accuracy", "final/val_main", "best/dev_main"} <= (
+    assert {names.FINAL_DEV, "final/dev_accuracy", "final/val_main", names.BEST_DEV} <= (
         result.keys())
     # dev is evaluated where val/main improves (the new selection's dev score) and at the end.
     running = -math.inf
     for i, (_, m, _) in enumerate(rec.reports):
-        improved, running = m["val/main"] > running, max(running, m["val/main"])
-        assert ("dev/main" in m) == (improved or i == len(rec.reports) - 1)
+        improved, running = m[names.VAL] > running, max(running, m[names.VAL])
+        assert (names.DEV in m) == (improved or i == len(rec.reports) - 1)
         if method == "ikd":
-            assert ("teacher/dev_main" in m) == ("dev/main" in m)
-    assert result["best/dev_main"] == max(m["dev/main"] for _, m, _ in rec.reports
-                                          if "dev/main" in m)
-    assert result["final/dev_main"] == rec.reports[-1][1]["dev/main"]
+            assert (names.TEACHER_DEV in m) == (names.DEV in m)
+    assert result[names.BEST_DEV] == max(m[names.DEV] for _, m, _ in rec.reports
+                                          if names.DEV in m)
+    assert result[names.FINAL_DEV] == rec.reports[-1][1][names.DEV]
     # where the time went: shares of the loop's wall time that add up to 1, and throughput
     shares = {k.split("/")[-1]: v for k, v in result.items() if k.startswith("sys/time_share/")}
     assert set(shares) == {"course", "teacher_forward", "exam", "optimizer", "evaluation",
@@ -318,9 +318,9 @@ def test_callback_receives_the_promised_metric_names(home, method):
     assert result["sys/samples_per_s"] > 0
     assert "sys/peak_gpu_gib" not in result  # CPU: no GPU memory to report
     # the result is the evaluation with the best val/main, reported with its dev score
-    chosen = max(rec.reports, key=lambda r: r[1]["val/main"])  # max keeps the first of ties
-    assert (result["sel/step"], result["sel/val_main"], result["sel/dev_main"]) == (
-        chosen[0], chosen[1]["val/main"], chosen[1]["dev/main"])
+    chosen = max(rec.reports, key=lambda r: r[1][names.VAL])  # max keeps the first of ties
+    assert (result[names.SEL_STEP], result[names.SEL_VAL], result[names.SEL_DEV]) == (
+        chosen[0], chosen[1][names.VAL], chosen[1][names.DEV])
 
 
 def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, monkeypatch):
@@ -341,8 +341,8 @@ def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, 
     assert len(rates) == STEPS["kd"] // 2 and min(rates) > 1.0
     # the time from the trial's start to its first step (data, models, cached logits)
     first = next(m for _, m in rec.logs if "samples_per_s" in m)
-    assert first["sys/startup_s"] == result["sys/startup_s"] > 0
-    assert sum("sys/startup_s" in m for _, m in rec.logs) == 1
+    assert first[names.STARTUP] == result[names.STARTUP] > 0
+    assert sum(names.STARTUP in m for _, m in rec.logs) == 1
 
 
 # ----------------------------------------------------------------------------- selection
@@ -390,12 +390,12 @@ def test_the_checkpoint_is_chosen_on_val_not_on_dev(home, scripted_scores):
     rec = StepRecorder()
     scripted_scores(rec, val, dev)
     result = run_trial(sweep(), trial("finetune"), home=home, callback=rec, device=CPU)
-    assert (result["sel/step"], result["sel/val_main"], result["sel/dev_main"]) == (8, 0.70, 0.55)
-    assert result["best/dev_main"] == 0.90  # the diagnostic max over dev, chosen by nothing
-    assert result["final/dev_main"] == 0.80 and result["final/val_main"] == 0.70
-    running = [(s, m["sel/step"], m["sel/dev_main"]) for s, m, _ in rec.reports]
+    assert (result[names.SEL_STEP], result[names.SEL_VAL], result[names.SEL_DEV]) == (8, 0.70, 0.55)
+    assert result[names.BEST_DEV] == 0.90  # the diagnostic max over dev, chosen by nothing
+    assert result[names.FINAL_DEV] == 0.80 and result["final/val_main"] == 0.70
+    running = [(s, m[names.SEL_STEP], m[names.SEL_DEV]) for s, m, _ in rec.reports]
     assert running == [(4, 4, 0.90), (8, 8, 0.55), (12, 8, 0.55)]
-    assert [m["val/main"] for _, m, _ in rec.reports] == [0.60, 0.70, 0.70]
+    assert [m[names.VAL] for _, m, _ in rec.reports] == [0.60, 0.70, 0.70]
 
 
 def test_the_kept_student_is_the_selected_checkpoint_not_the_last(home, scripted_scores):
@@ -419,14 +419,14 @@ def test_the_kept_student_is_the_selected_checkpoint_not_the_last(home, scripted
     scripted_scores(rec, {4: 0.60, 8: 0.70, 12: 0.70}, {4: 0.5, 8: 0.55, 12: 0.80})
     result = run_trial(sweep(), trial("finetune"), home=home, callback=rec, device=CPU,
                        checkpoint_dir=home / "ckpt", student_dir=home / "student")
-    assert result["sel/step"] == 8
+    assert result[names.SEL_STEP] == 8
     for step, want in ((4, 4), (8, 8), (12, 8)):
         assert_same_tensors(rec.kept[step], {k: v for k, v in rec.now[want].items()
                                              if k in rec.kept[step]})
     assert any(not torch.equal(rec.kept[12][k], rec.now[12][k]) for k in rec.kept[12])
     # A Hugging Face folder with the tokenizer and a model card; nothing half-written beside it.
-    names = {p.name for p in (home / "student").iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= names
+    files = {p.name for p in (home / "student").iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= files
     card = (home / "student" / "README.md").read_text()
     for fact in ("| task | rte |", "| method | finetune |", "| sweep | tiny |",
                  "| sel/step | 8 |", "| sel/val_main | 0.7 |", "| sel/dev_main | 0.55 |"):
@@ -444,7 +444,7 @@ def test_resume_keeps_the_selection_made_before_the_interruption(home, scripted_
     scripted_scores(full, val, dev)
     expected = run_trial(cfg, trial("finetune"), home=home, callback=full,
                          checkpoint_dir=home / "full", device=CPU)
-    assert (expected["sel/step"], expected["sel/dev_main"]) == (4, 0.50)
+    assert (expected[names.SEL_STEP], expected[names.SEL_DEV]) == (4, 0.50)
 
     class Interrupting(StepRecorder, InterruptAt):
         pass
@@ -460,7 +460,7 @@ def test_resume_keeps_the_selection_made_before_the_interruption(home, scripted_
     got = run_trial(cfg, trial("finetune"), home=home, callback=resumed, checkpoint_dir=ckpt,
                     resume_from=ckpt, device=CPU)
     assert [s for s, _, _ in resumed.reports] == [12]  # step 4 was not evaluated again ...
-    assert resumed.reports[0][1]["sel/step"] == 4  # ... yet it is still the selected one
+    assert resumed.reports[0][1][names.SEL_STEP] == 4  # ... yet it is still the selected one
     assert {k: v for k, v in got.items() if k.startswith(("sel/", "best/", "final/"))} == {
         k: v for k, v in expected.items() if k.startswith(("sel/", "best/", "final/"))}
     assert timeless(got) == timeless(expected)
@@ -570,9 +570,9 @@ def test_teacher_lr_zero_control_runs_the_exams_but_never_moves_the_teacher(
                                  strict=True):
         assert torch.equal(bits(a), bits(b)), name
     # so the teacher scores it reports never change from the cached teacher's
-    assert {m["teacher/dev_main"] for _, m, _ in rec.reports if "teacher/dev_main" in m} == {
+    assert {m[names.TEACHER_DEV] for _, m, _ in rec.reports if names.TEACHER_DEV in m} == {
         result["teacher/initial_dev_main"]}
-    assert {m["teacher/val_main"] for _, m, _ in rec.reports} == {
+    assert {m[names.TEACHER_VAL] for _, m, _ in rec.reports} == {
         result["teacher/initial_val_main"]}
 
 
@@ -585,7 +585,7 @@ def test_each_estimator_runs_a_short_ikd_trial(home, exam_calls, loaded_teachers
     rec = Recorder()
     result = run_trial(cfg, trial("ikd"), home=home, callback=rec, device=CPU)
     assert result["steps"] == 4 and len(exam_calls) == 2
-    assert math.isfinite(result["final/dev_main"])
+    assert math.isfinite(result[names.FINAL_DEV])
     assert math.isfinite(result["final/teacher_dev_main"])
     exam = [m["exam/loss"] for _, m in rec.logs if "exam/loss" in m]
     assert exam and all(math.isfinite(v) and v > 0 for v in exam)
@@ -628,8 +628,9 @@ def ikd_fit(cfg: SweepConfig, home: Path, teacher: torch.nn.Module, **settings):
     seed_everything(3)
     student = build_model(cfg.student, 2)
     s = FitSettings.for_trial(cfg, trial("ikd"))
-    for k, v in settings.items():
-        setattr(s, k, v)
+    for k, v in settings.items():  # a field of the train or ikd section, or of FitSettings
+        section = next((x for x in (s.train, s.ikd) if k in type(x).model_fields), s)
+        setattr(section, k, v)
     rec = Recorder()
     fit(s, data.task, data, student, teacher=teacher, device=torch.device(CPU), callback=rec)
     return student, data, s, rec
@@ -669,7 +670,7 @@ def test_ikd_round_order_and_which_teacher_gives_the_targets(home, monkeypatch, 
 
     # Each student step's gradient is the course gradient on the targets of the teacher as it
     # was at that moment: the old teacher (student_first) or the just-updated one (teacher_first).
-    rows = trainer.batch_order(data.train, s.batch_size, s.seed * 1000)
+    rows = trainer.batch_order(data.train, s.train.batch_size, s.seed * 1000)
     student_steps = [e for e in events if e[0] == "student"]
     if order == "student_first":  # the alternative: the teacher after that round's update
         others = [e[1] for e in student_steps[1:]] + [params(teacher)]
@@ -696,7 +697,7 @@ def replay_course_grad(student, s_state, teacher, t_state, batch, s: FitSettings
         t_logits = tch(**model_inputs(batch)).logits
     out = stu(**model_inputs(batch))
     loss = step_module.course_loss(out.logits, t_logits, batch["labels"],
-                               temperature=s.temperature, alpha=s.alpha)
+                               temperature=s.temperature, alpha=s.train.alpha)
     return torch.autograd.grad(loss, list(stu.parameters()))
 
 
@@ -737,8 +738,8 @@ def test_teacher_step_is_unit_norm_feedback_on_the_chosen_schedule(schedule, ce_
     seed_everything(0)
     teacher, student = build_model(cfg.teacher, 2), build_model(cfg.student, 2)
     s = FitSettings.for_trial(cfg, trial("ikd"))
-    s.teacher_schedule, s.teacher_ce_weight, s.warmup_ratio = schedule, ce_weight, 0.5
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
+    s.ikd.teacher_schedule, s.ikd.teacher_ce_weight, s.train.warmup_ratio = schedule, ce_weight, 0.5
+    opt = torch.optim.AdamW(student.parameters(), lr=s.train.lr)
     sched = trainer.get_linear_schedule_with_warmup(opt, 2, 4)  # lr factor 0, .5, 1, .5
     t_opt = torch.optim.AdamW(teacher.parameters(), lr=s.teacher_lr, weight_decay=0.0)
     seen: list[tuple[float, float]] = []  # (teacher lr, norm of the gradient it steps on)
@@ -771,8 +772,8 @@ def test_compile_is_ignored_on_cpu_with_one_message(caplog):
     seed_everything(0)
     student = build_model(cfg.student, 2)
     s = FitSettings.for_trial(cfg, trial("finetune"))
-    assert s.compile
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
+    assert s.train.compile
+    opt = torch.optim.AdamW(student.parameters(), lr=s.train.lr)
     sched = trainer.get_linear_schedule_with_warmup(opt, 0, 4)
     with caplog.at_level("WARNING", logger="ikd_sweep.step"):
         step = trainer.TrainStep(s, student, opt, sched, torch.device(CPU))

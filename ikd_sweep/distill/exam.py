@@ -30,16 +30,19 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ikd_sweep.config import IkdConfig
 from ikd_sweep.distill.losses import course_loss, task_loss
 from ikd_sweep.models import model_inputs
 
-ESTIMATORS = ("exact", "finite_difference", "first_order")
+# The choices of the ikd section (config.py is their one home).
+ESTIMATORS = get_args(IkdConfig.model_fields["estimator"].annotation)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class ExamResult:
     course_seed: int  # the dropout seed of the student course passes
 
 
-LOOKAHEADS = ("sgd", "adam")
+LOOKAHEADS = get_args(IkdConfig.model_fields["lookahead"].annotation)
 
 
 class AdamLookahead:
@@ -188,6 +191,19 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return total
 
 
+def _ikd_knobs(ikd: IkdConfig | None, knobs: dict[str, Any]) -> IkdConfig:
+    """The ikd section (its defaults when None) with `knobs` (its field names) put over it."""
+    unknown = sorted(set(knobs) - set(IkdConfig.model_fields))
+    if unknown:
+        raise TypeError(f"exam_hypergradient: unknown ikd knobs {unknown}")
+    k = (ikd or IkdConfig()).model_copy(update=knobs)
+    if k.estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {k.estimator!r}; choose one of {ESTIMATORS}")
+    if k.lookahead not in LOOKAHEADS:
+        raise ValueError(f"unknown lookahead {k.lookahead!r}; choose one of {LOOKAHEADS}")
+    return k
+
+
 def exam_hypergradient(
     teacher: nn.Module,
     student: nn.Module,
@@ -196,28 +212,23 @@ def exam_hypergradient(
     *,
     temperature: float,
     alpha: float,
-    lookahead_lr: float = 5e-5,
-    estimator: str = "finite_difference",
+    ikd: IkdConfig | None = None,
     hidden_weight: float = 0.0,
-    fd_epsilon: float = 0.01,
-    lookahead: str = "sgd",
     optimizer: torch.optim.Optimizer | None = None,
     max_grad_norm: float | None = None,
     keep_teacher_graph: bool = False,
+    **knobs: Any,
 ) -> ExamResult:
     """d L_exam / d theta_t for every teacher parameter that requires grad.
 
+    `ikd`: the sweep's ikd section (its defaults when None); `knobs` override its fields.
     `lookahead='adam'` needs the student's `optimizer` (AdamW, stepped by the caller) and the
     caller's `max_grad_norm`; `lookahead_lr` is then unused. `keep_teacher_graph` keeps the
     returned teacher logits attached to the teacher's graph (e.g. for a gold-label term).
-    Leaves parameters, `.grad` and train/eval mode of both models as they were (gradients are
-    taken with `torch.autograd.grad`, the student is evaluated with `functional_call`).
-    """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-    if lookahead not in LOOKAHEADS:
-        raise ValueError(f"unknown lookahead {lookahead!r}; choose one of {LOOKAHEADS}")
-    if lookahead == "adam" and optimizer is None:
+    Leaves parameters, `.grad` and train/eval mode of both models as they were (autograd.grad,
+    functional_call)."""
+    k = _ikd_knobs(ikd, knobs)
+    if k.lookahead == "adam" and optimizer is None:
         raise ValueError("lookahead 'adam' needs the student's optimizer (optimizer=...)")
     t_named = [(n, p) for n, p in teacher.named_parameters() if p.requires_grad]
     t_params = [p for _, p in t_named]
@@ -225,10 +236,10 @@ def exam_hypergradient(
     # Leaf copies sharing storage: we differentiate w.r.t. them, so the student's .grad is spared.
     theta = {n: p.detach().requires_grad_() for n, p in s_named}
     hidden = hidden_weight > 0
-    exact = estimator == "exact"
+    exact, seeds = k.estimator == "exact", torch.randint(0, 2**62, (3,)).tolist()
     devices = sorted({p.device.index or 0 for m in (teacher, student) for p in m.parameters()
                       if p.device.type == "cuda"})
-    seed_t, seed_c, seed_e = torch.randint(0, 2**62, (3,)).tolist()
+    seed_t, seed_c, seed_e = seeds
 
     def l_course(s_out, t_out):
         # float logits, as the trainer's course step (bf16 autocast on CUDA)
@@ -254,47 +265,13 @@ def exam_hypergradient(
         s_out = student_course(theta)
         loss_c = l_course(s_out, t_fixed)
         g = _grad(loss_c, theta.values(), create_graph=exact)
-        sgd = lookahead == "sgd"
-        if sgd:  # P = lookahead_lr everywhere, no shift
-            shift, prec = None, None
-        else:
-            shift, prec = AdamLookahead(optimizer, max_grad_norm)([p for _, p in s_named], g)
-        base = list(theta.values())
-        if exact:  # differentiable in theta_t through g
-            step = ([-lookahead_lr * gi for gi in g] if sgd else
-                    [sh - pr * gi for sh, pr, gi in zip(shift, prec, g, strict=True)])
-            theta1 = dict(zip(theta, [p + st for p, st in zip(base, step, strict=True)],
-                              strict=True))
-        else:  # constants: fused foreach ops, no graph
-            with torch.no_grad():
-                step = (_each(torch._foreach_mul, g, -lookahead_lr) if sgd else
-                        _each(torch._foreach_sub, shift, _each(torch._foreach_mul, prec, g)))
-                theta1 = {n: p.requires_grad_() for n, p
-                          in zip(theta, _each(torch._foreach_add, base, step), strict=True)}
+        prec, step, theta1 = _lookahead(k, exact, theta, g, [p for _, p in s_named], optimizer,
+                                        max_grad_norm)
         with seeded(seed_e, devices):
             e_logits, _ = _forward(student, exam_batch, False, theta1)
         exam_loss = task_loss(_full(e_logits), exam_batch["labels"])
-
-        v = None if exact else _grad(exam_loss, theta1.values())  # v = grad L_exam(theta_s')
-        keep = keep_teacher_graph
-        if exact:
-            grads = _grad(exam_loss, t_params, retain_graph=keep)
-        else:
-            # u = P * v; for sgd kept as v with the scalar lookahead_lr folded in below
-            u, scale = (v, lookahead_lr) if sgd else (_each(torch._foreach_mul, prec, v), 1.0)
-            if estimator == "first_order":
-                grads = _first_order(t_out[0], g, u, scale, temperature, t_params, keep)
-            elif (unorm := scale * global_norm(u).item()) == 0:
-                grads = [torch.zeros_like(p) for p in t_params]
-            else:
-                eps = fd_epsilon / unorm  # theta_s +/- eps * P * v moves fd_epsilon
-                with torch.no_grad():  # student outputs at those points: constants
-                    s_pm = [student_course(dict(zip(theta, _each(
-                        torch._foreach_add, base, u, alpha=sign * eps * scale), strict=True)))
-                            for sign in (1.0, -1.0)]
-                # One backward into the teacher; the gold-label term has no theta_t in it.
-                diff = l_course(s_pm[0], t_out) - l_course(s_pm[1], t_out)
-                grads = _grad(diff * (-1 / (2 * eps)), t_params, retain_graph=keep)
+        grads = _teacher_grads(k, exam_loss, theta, theta1, g, prec, t_out, t_params,
+                               temperature, keep_teacher_graph, l_course, student_course)
         with torch.no_grad():
             step_norm = global_norm(step)
     return ExamResult(
@@ -303,10 +280,61 @@ def exam_hypergradient(
         course_grad={n: gi.detach() for (n, _), gi in zip(s_named, g, strict=True)},
         course_loss=loss_c.detach(),
         student_logits=s_out[0].detach(),
-        teacher_logits=t_out[0] if keep else t_out[0].detach(),
+        teacher_logits=t_out[0] if keep_teacher_graph else t_out[0].detach(),
         lookahead_norm=step_norm.detach(),
         course_seed=seed_c,
     )
+
+
+def _lookahead(k: IkdConfig, exact: bool, theta: dict[str, Tensor], g: list[Tensor],
+               params: list[Tensor], optimizer: torch.optim.Optimizer | None,
+               max_grad_norm: float | None):
+    """The lookahead student theta_s' = theta_s + shift - P * g: (P or None for sgd, the step,
+    theta_s'); differentiable in theta_t through g only for `exact`."""
+    sgd, lr = k.lookahead == "sgd", k.lookahead_lr
+    if sgd:  # P = lookahead_lr everywhere, no shift
+        shift, prec = None, None
+    else:
+        shift, prec = AdamLookahead(optimizer, max_grad_norm)(params, g)
+    base = list(theta.values())
+    if exact:  # differentiable in theta_t through g
+        step = ([-lr * gi for gi in g] if sgd else
+                [sh - pr * gi for sh, pr, gi in zip(shift, prec, g, strict=True)])
+        theta1 = dict(zip(theta, [p + st for p, st in zip(base, step, strict=True)],
+                          strict=True))
+    else:  # constants: fused foreach ops, no graph
+        with torch.no_grad():
+            step = (_each(torch._foreach_mul, g, -lr) if sgd else
+                    _each(torch._foreach_sub, shift, _each(torch._foreach_mul, prec, g)))
+            theta1 = {n: p.requires_grad_() for n, p
+                      in zip(theta, _each(torch._foreach_add, base, step), strict=True)}
+    return prec, step, theta1
+
+
+def _teacher_grads(k: IkdConfig, exam_loss: Tensor, theta: dict[str, Tensor],
+                   theta1: dict[str, Tensor], g: list[Tensor], prec: list[Tensor] | None,
+                   t_out, t_params: list[Tensor], temperature: float, keep: bool,
+                   l_course, student_course) -> list[Tensor]:
+    """d L_exam / d theta_t by the estimator `k.estimator` (see the module doc)."""
+    if k.estimator == "exact":
+        return _grad(exam_loss, t_params, retain_graph=keep)
+    v = _grad(exam_loss, theta1.values())  # v = grad L_exam(theta_s')
+    # u = P * v; for sgd kept as v with the scalar lookahead_lr folded in below
+    sgd = k.lookahead == "sgd"
+    u, scale = (v, k.lookahead_lr) if sgd else (_each(torch._foreach_mul, prec, v), 1.0)
+    if k.estimator == "first_order":
+        return _first_order(t_out[0], g, u, scale, temperature, t_params, keep)
+    if (unorm := scale * global_norm(u).item()) == 0:
+        return [torch.zeros_like(p) for p in t_params]
+    eps = k.fd_epsilon / unorm  # theta_s +/- eps * P * v moves fd_epsilon
+    base = list(theta.values())
+    with torch.no_grad():  # student outputs at those points: constants
+        s_pm = [student_course(dict(zip(theta, _each(
+            torch._foreach_add, base, u, alpha=sign * eps * scale), strict=True)))
+                for sign in (1.0, -1.0)]
+    # One backward into the teacher; the gold-label term has no theta_t in it.
+    diff = l_course(s_pm[0], t_out) - l_course(s_pm[1], t_out)
+    return _grad(diff * (-1 / (2 * eps)), t_params, retain_graph=keep)
 
 
 def _first_order(t_logits, g, u, scale, temperature, t_params, retain_graph):

@@ -17,6 +17,7 @@ import ray
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.errors import UserError
+from ikd_sweep.home import Home
 
 
 class ResourceError(UserError):
@@ -91,10 +92,6 @@ def check_resources(sweep: SweepConfig, joined: bool) -> None:
                                 f"{hint}; lower resources.{field_} in the sweep file")
 
 
-def session_record(home: Path, sweep: str) -> Path:
-    return home / "ray" / f"{sweep}.session.json"
-
-
 def _own_processes(session: str, raylet: int | None) -> list[int]:
     """PIDs of this user's processes of one Ray session (Linux /proc): its command line names
     the session folder (GCS, raylet, monitors), or its environment names the session's raylet
@@ -116,7 +113,7 @@ def _own_processes(session: str, raylet: int | None) -> list[int]:
 def cleanup_leftover_ray(home: Path, sweep: str) -> int:
     """End the Ray processes (raylet, GCS, agents) a killed earlier driver of this sweep left;
     only those of the session it recorded. Call with the sweep's lock held. Returns a count."""
-    record = session_record(home, sweep)
+    record = Home(home).session_record(sweep)
     try:
         info = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -160,7 +157,7 @@ def record_session(home: Path, sweep: str) -> None:
         raylet = node.all_processes["raylet"][0].process.pid
     except Exception:  # a private API: without it the next start cleans nothing up
         return
-    record = session_record(home, sweep)
+    record = Home(home).session_record(sweep)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"session_dir": session, "raylet": raylet,
                                   "driver": os.getpid()}))

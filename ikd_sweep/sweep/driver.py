@@ -32,11 +32,13 @@ from ray import tune
 
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.files import sweep_lock
+from ikd_sweep.home import Home
+from ikd_sweep.names import CONFIRM
 from ikd_sweep.sweep import cluster
 from ikd_sweep.sweep.events import DONE_KEY, FINAL, describe_error, plain, report_of
 from ikd_sweep.sweep.record import Forward, Recording, drop_checkpoints, forwarding, keep_suggested
 from ikd_sweep.sweep.search import tuner_setup
-from ikd_sweep.sweep.worker import student_dir, trainable
+from ikd_sweep.sweep.worker import trainable
 from ikd_sweep.tracking import SweepTracker, TrialRecorder
 from ikd_sweep.trials import Study, SweepPlan, Trial
 
@@ -100,7 +102,7 @@ def run_sweep(plan: SweepPlan, *, home: Path, tracker: SweepTracker,
             if started and ray.is_initialized():
                 ray.shutdown()
                 if not address:
-                    cluster.session_record(home, sweep.name).unlink(missing_ok=True)
+                    Home(home).session_record(sweep.name).unlink(missing_ok=True)
 
 
 def _run_sweep(plan: SweepPlan, home: Path, tracker: SweepTracker, listeners: Sequence[Any],
@@ -113,11 +115,11 @@ def _run_sweep(plan: SweepPlan, home: Path, tracker: SweepTracker, listeners: Se
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Training-curve reports carry no val/main; only evaluation reports do (ASHA skips others).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    storage = home / "ray" / sweep.name
+    storage = Home(home).ray(sweep.name)  # the search; studies and confirmation below it
     if restart and storage.exists():
         shutil.rmtree(storage)
     if restart:  # students an earlier run kept but never logged (its trials start over)
-        shutil.rmtree(student_dir(home, sweep.name, "x").parent, ignore_errors=True)
+        shutil.rmtree(Home(home).students(sweep.name), ignore_errors=True)
     parent = tracker.start_sweep(sweep.name, sweep.model_dump(mode="json"), restart=restart)
     recorder = TrialRecorder(tracker, parent, sweep)
     run = _Run(plan, home, recorder, listeners, SweepOutcome(parent_run_id=parent), verbose,
@@ -126,20 +128,20 @@ def _run_sweep(plan: SweepPlan, home: Path, tracker: SweepTracker, listeners: Se
     status = "FAILED"  # whatever ends this function, the parent never stays RUNNING
     try:
         # Confirmation trials, once worked out, are part of the sweep: never chosen again.
-        recorded = [d for d in load_trials(tracker.client, parent) if d.get("phase") == "confirm"]
+        recorded = [d for d in load_trials(tracker.client, parent) if d.get("phase") == CONFIRM]
         confirm = plan.confirmations(recorded) if sweep.search.confirm_seeds else []
         tracker.set_expected_trials(parent, keep_suggested(recorder, search + confirm))
         _run_phase(run, search, storage)
         for study in plan.studies:
             if not out.interrupted:
-                _run_tuner(run, [], storage / study.name, _tokenized(run, study.task),
-                           asha=False, study=study)
+                _run_tuner(run, [], Home(home).ray(sweep.name, study.name),
+                           _tokenized(run, study.task), asha=False, study=study)
         if sweep.search.confirm_seeds and not out.interrupted:
             if not confirm:
                 confirm = plan.confirmations(selected_settings(sweep.name, tracker.tracking_uri))
                 tracker.set_expected_trials(parent, keep_suggested(recorder, search + confirm))
             out.confirm = [t.trial_id for t in confirm]
-            _run_phase(run, confirm, storage / "confirm")
+            _run_phase(run, confirm, Home(home).ray(sweep.name, CONFIRM))
         status = "KILLED" if out.interrupted else "FAILED" if out.failed else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -161,7 +163,7 @@ def _tokenized(run: _Run, task: str) -> dict:
 
     sweep = run.sweep
     return tokenize_splits(get_task(task), sweep.data, load_tokenizer(sweep.teacher.model),
-                           run.home / "cache" / "data")
+                           Home(run.home).data_cache)
 
 
 def _grid_order(trials: list[Trial]) -> list[Trial]:

@@ -12,12 +12,14 @@ import re
 import traceback
 from typing import Any
 
+from ikd_sweep.names import SEL_VAL
+
 REPORT = "ikd"  # the report's key in a Tune result
 DONE_KEY = "ikd_done"  # present in a trial's last report only when the trial completed
 EVALS = "ikd_evals"  # evaluations so far: ASHA's time axis (evaluation reports only)
 # What search.algorithm optuna maximises, top level in a trial's final report: the selection
 # metric of the comparison protocol (selection data), never dev.
-OBJECTIVE = "sel/val_main"
+OBJECTIVE = SEL_VAL
 # Report kinds: a training-curve point, an evaluation (with its checkpoint), the final result,
 # the error that ended the trial, "finished by an earlier run of the command", a teacher's
 # epoch, the device the trial trains on.

@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import tune
 
+from ikd_sweep.home import Home
 from ikd_sweep.sweep.events import (
     DEVICE,
     ERROR,
@@ -27,7 +28,6 @@ from ikd_sweep.sweep.events import (
     describe_error,
     report_of,
 )
-from ikd_sweep.sweep.worker import student_dir
 from ikd_sweep.tracking import TrialRecorder, load_trials
 from ikd_sweep.trials import Trial
 
@@ -118,7 +118,7 @@ class Recording:
     def finished(self, trial: Trial, final: dict[str, Any]) -> None:
         """Record a finished trial: its student (logged, then its local copy deleted: the bytes
         exist once, in the artifact store), its final metrics, FINISHED."""
-        folder = student_dir(self.home, self.recorder.cfg.name, trial.trial_id)
+        folder = Home(self.home).student(self.recorder.cfg.name, trial.trial_id)
         if self.recorder.keep_student(trial, folder):
             shutil.rmtree(folder, ignore_errors=True)
         self.recorder.finish(trial, "FINISHED", final=final)

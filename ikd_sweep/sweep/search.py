@@ -18,6 +18,7 @@ from ray.tune.search import Repeater, Searcher
 from ray.tune.search.repeater import TRIAL_INDEX
 
 from ikd_sweep.config import SweepConfig
+from ikd_sweep.names import VAL
 from ikd_sweep.sweep.events import EVALS, OBJECTIVE
 from ikd_sweep.trials import Study, Trial
 
@@ -127,5 +128,5 @@ def tuner_setup(sweep: SweepConfig, trials: Sequence[Trial], study: Study | None
     # trial up; grid_search over the expanded list never repeats a trial.
     return {"trial_id": tune.grid_search([t.trial_id for t in trials])}, tune.TuneConfig(
         # Selection data only: dev is never used to stop (or choose) anything.
-        metric="val/main" if asha else None, mode="max" if asha else None,
+        metric=VAL if asha else None, mode="max" if asha else None,
         scheduler=scheduler, **names)

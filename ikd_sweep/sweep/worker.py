@@ -14,6 +14,8 @@ from typing import Any
 from ray import tune
 
 from ikd_sweep.config import SweepConfig
+from ikd_sweep.home import Home
+from ikd_sweep.names import VAL
 from ikd_sweep.sweep.events import (
     DEVICE,
     DONE_KEY,
@@ -29,12 +31,6 @@ from ikd_sweep.sweep.events import (
     describe_error,
 )
 from ikd_sweep.trials import Trial
-
-
-def student_dir(home: Path, sweep: str, trial_id: str) -> Path:
-    """Where a Ray trial keeps its selected student until the driver has logged it: on the
-    working folder's (shared) storage, so the driver can read it."""
-    return home / "students" / sweep / trial_id
 
 
 def _report(info: dict[str, Any], top: dict[str, Any] | None = None,
@@ -59,8 +55,7 @@ class _Reporter:
         if checkpoint is not None:
             ckpt = tune.Checkpoint.from_directory(str(checkpoint))
             ckpt.set_metadata({EVALS: self.evals})
-        top = {EVALS: self.evals, **({"val/main": metrics["val/main"]}
-                                     if "val/main" in metrics else {})}
+        top = {EVALS: self.evals, **({VAL: metrics[VAL]} if VAL in metrics else {})}
         _report({"kind": EVAL, "step": int(step), "metrics": dict(metrics)}, top, ckpt)
 
 
@@ -104,7 +99,7 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
                               checkpoint_dir=work / "checkpoint",
                               resume_from=Path(resume_dir) if resume_dir else None,
                               splits=splits,
-                              student_dir=student_dir(Path(home), sweep.name, trial.trial_id))
+                              student_dir=Home(home).student(sweep.name, trial.trial_id))
     except Exception as e:
         _report({"kind": ERROR, "step": 0, "error": describe_error(e)})
         raise
