@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import Split, prepare_data
@@ -66,6 +68,9 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
                      Path(student_dir), tokenizer, card_facts(cfg, trial, seed)))
     result.update({k.replace("teacher/", "teacher/initial_"): v
                    for k, v in teacher_scores.items()})
+    # The torch threads it trained with: a trial in a sweep (Ray: resources.cpu) and the same
+    # trial alone (all cores) compare only with this beside their samples/s.
+    result["sys/threads"] = float(torch.get_num_threads())
     return result
 
 

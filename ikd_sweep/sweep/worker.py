@@ -64,6 +64,21 @@ class _Reporter:
         _report({"kind": EVAL, "step": int(step), "metrics": dict(metrics)}, top, ckpt)
 
 
+def pin_threads(cpu: float) -> int:
+    """Give the trial at least `int(cpu)` (resources.cpu) torch threads; return its count.
+
+    Ray sets OMP_NUM_THREADS in a trial to its whole CPUs, so torch starts with that many
+    threads (measured, Ray 2.60 on 2 cores: resources.cpu 0.5 -> 1, 1 -> 1, 2 -> 2); this keeps
+    a trial from running on fewer than it reserved should another Ray version set 1. It never
+    lowers a count: a user's OMP_NUM_THREADS above that stays."""
+    import torch
+
+    want = max(1, int(cpu))
+    if torch.get_num_threads() < want:
+        torch.set_num_threads(want)
+    return torch.get_num_threads()
+
+
 def _teacher_first(sweep: SweepConfig, trial: Trial, home: str, attempt: str) -> None:
     """Fine-tune (or wait for) this trial's teacher, reporting each epoch to Tune."""
     from ikd_sweep import teacher as tc
@@ -95,6 +110,7 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
             not p.name.startswith(".") for p in Path(ckpt.path).iterdir()):
         ckpt = None  # emptied by drop_checkpoints, yet not FINISHED in MLflow: start over
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
+    pin_threads(sweep.resources.cpu)  # before the teacher: its fine-tuning runs here too
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
     try:
         if trial.method != "finetune":
