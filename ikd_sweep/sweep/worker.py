@@ -4,6 +4,7 @@ trainer; everything is reported to Tune (`events`), nothing to MLflow (the drive
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -65,17 +66,18 @@ class _Reporter:
 
 
 def pin_threads(cpu: float) -> int:
-    """Give the trial at least `int(cpu)` (resources.cpu) torch threads; return its count.
+    """Run the trial on `int(resources.cpu)` torch threads (at least 1) unless OMP_NUM_THREADS
+    already says how many; return the count.
 
-    Ray sets OMP_NUM_THREADS in a trial to its whole CPUs, so torch starts with that many
-    threads (measured, Ray 2.60 on 2 cores: resources.cpu 0.5 -> 1, 1 -> 1, 2 -> 2); this keeps
-    a trial from running on fewer than it reserved should another Ray version set 1. It never
-    lowers a count: a user's OMP_NUM_THREADS above that stays."""
+    Ray sets OMP_NUM_THREADS in a trial to its whole CPUs when the driver's environment does
+    not set it (measured, Ray 2.60 on 2 cores: resources.cpu 0.5 -> 1, 1 -> 1, 2 -> 2 threads),
+    so this only acts where it is unset: torch would then take every core, and k packed trials
+    would each spin on all of them. A value the user exported is kept: on an oversubscribed
+    machine one thread per process is the fast setting (benchmarks/README.md)."""
     import torch
 
-    want = max(1, int(cpu))
-    if torch.get_num_threads() < want:
-        torch.set_num_threads(want)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, int(cpu)))
     return torch.get_num_threads()
 
 
