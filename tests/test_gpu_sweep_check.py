@@ -112,8 +112,8 @@ def test_cpu_smoke_run_of_the_gpu_sweep_check(tmp_path):
     assert figures["startup_s"]["standalone_cold"] > 0
     gap = figures["experiments"]
     assert gap["launch_us"]["tune_trial"] > 0 and gap["report_ms"]["plain"] > 0
-    for run in ("cold_1", "cold_2"):
-        assert gap["standalone"][run]["window_samples_per_s"] > 0, gap["standalone"]
+    for cold in ("cold_1", "cold_2"):
+        assert gap["standalone"][cold]["window_samples_per_s"] > 0, gap["standalone"]
     for n in ("5", "100"):
         assert gap["log_every"][n]["samples_per_s"] > 0, gap["log_every"]
     assert figures["estimate_gib"] > 0
