@@ -1,6 +1,6 @@
 """Where a CPU trial's time goes, before and after issue 25's changes, side by side in one run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cpu_trial_shares.py          # ~4-5 min
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cpu_trial_shares.py          # ~3.5 min
     .venv/bin/python benchmarks/cpu_trial_shares.py --full --methods kd        # the demo's rows
 
 Runs the sweep's first kd and ikd trials (`trial.run_trial`, what `ikd-sweep train` runs; no
