@@ -16,6 +16,9 @@ SEL_VAL, SEL_DEV, SEL_STEP = "sel/val_main", "sel/dev_main", "sel/step"
 FINAL_DEV, BEST_DEV = "final/dev_main", "best/dev_main"
 TEACHER_VAL, TEACHER_DEV = "teacher/val_main", "teacher/dev_main"
 STARTUP = "sys/startup_s"
+THREADS = "sys/threads"  # torch threads a trial trained with
+# The dev score of always guessing the training rows' majority (`Task.majority_baseline`).
+MAJORITY_DEV = "baseline/majority_dev_main"
 
 # Methods a sweep file may name, in the report's order.
 METHODS = ("finetune", "kd", "ikd")

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ikd_sweep import names
 from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import Split, prepare_data
@@ -26,9 +29,6 @@ from ikd_sweep.trainer import (
     seed_everything,
 )
 from ikd_sweep.trials import Trial, trial_seed
-
-# The dev score of always guessing the training rows' majority (`Task.majority_baseline`).
-MAJORITY_DEV = "baseline/majority_dev_main"
 
 
 def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback | None = None,
@@ -70,8 +70,11 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
                      Path(student_dir), tokenizer, card_facts(cfg, trial, seed)))
     result.update({k.replace("teacher/", "teacher/initial_"): v
                    for k, v in teacher_scores.items()})
-    result[MAJORITY_DEV] = data.task.majority_baseline(data.labelled.labels,
+    result[names.MAJORITY_DEV] = data.task.majority_baseline(data.labelled.labels,
                                                        data.dev.labels)["main"]
+    # The torch threads it trained with: a trial in a sweep (Ray: resources.cpu) and the same
+    # trial alone (all cores) compare only with this beside their samples/s.
+    result[names.THREADS] = float(torch.get_num_threads())
     return result
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import ikd_sweep.data as data_mod
 from ikd_sweep.config import DataConfig
@@ -20,9 +21,12 @@ from ikd_sweep.data import (
     batch_order,
     carve_splits,
     collate,
+    iterate,
     load_raw,
+    pad_multiple_for,
     prepare_data,
     read_glue_tsv,
+    tight_batches,
 )
 from ikd_sweep.models import load_tokenizer
 from ikd_sweep.tasks import get_task
@@ -444,3 +448,59 @@ def test_eval_order_is_fixed(sst2_split):
     b = batch_order(sst2_split, 64, seed=99, shuffle=False)
     assert a == b
     assert sorted(i for batch in a for i in batch) == list(range(len(sst2_split)))
+
+
+def test_pad_multiple_rounds_the_width_up_and_only_on_cuda(sst2_split):
+    """CUDA batches are padded to a multiple of 8 (kernels and cuBLAS plans reused); CPU
+    batches are not (padding is computed there). Checked on CPU by calling collate directly."""
+    assert pad_multiple_for(torch.device("cuda")) == 8
+    assert pad_multiple_for(torch.device("cpu")) is None
+    for rows in ([0, 5, 9, 17], [3], list(range(40))):
+        lengths = [len(sst2_split.input_ids[i]) for i in rows]
+        plain = collate(sst2_split, rows)
+        batch = collate(sst2_split, rows, pad_multiple=8)
+        width = batch["input_ids"].shape[1]
+        assert width % 8 == 0 and max(lengths) <= width < max(lengths) + 8
+        assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+        assert batch["token_type_ids"].shape == batch["input_ids"].shape
+        assert batch["input_ids"][:, : plain["input_ids"].shape[1]].equal(plain["input_ids"])
+        assert batch["input_ids"][:, plain["input_ids"].shape[1]:].eq(0).all()
+    assert collate(sst2_split, [0, 1], pad_to=24, pad_multiple=8)["input_ids"].shape[1] == 24
+
+
+def test_tight_batches_bound_padding_and_cover_every_row_once(sst2_split):
+    batches = tight_batches(sst2_split, 128, 0.1)
+    assert sorted(i for b in batches for i in b) == list(range(len(sst2_split)))
+    assert all(1 <= len(b) <= 128 for b in batches)
+    for b in batches:  # no row carries more than 10 % of its batch's width as padding
+        width = max(len(sst2_split.input_ids[i]) for i in b)
+        assert min(len(sst2_split.input_ids[i]) for i in b) >= 0.9 * width
+    fixed = batch_order(sst2_split, 128, 0, shuffle=False)
+    assert pad_tokens(sst2_split, batches) < 0.5 * pad_tokens(sst2_split, fixed)
+    assert tight_batches(sst2_split, 128, 0.1) == batches  # deterministic
+    rows = [r for batch in iterate(sst2_split, 128, max_pad=0.1) for r in batch["idx"].tolist()]
+    assert rows == [int(sst2_split.idx[i]) for b in batches for i in b]
+
+
+def test_cpu_evaluation_in_tight_batches_scores_as_fixed_batches(sst2_split):
+    """evaluate() on CPU batches by padding (tight_batches): the same metrics as 128-row
+    batches, the logits equal up to float rounding."""
+    from helpers import tiny_spec
+
+    from ikd_sweep.models import build_model, model_inputs
+    from ikd_sweep.trainer import evaluate
+
+    torch.manual_seed(0)
+    model, task, split = build_model(tiny_spec(), 2).eval(), get_task("sst2"), sst2_split
+    split = split.select(range(600))
+    with torch.no_grad():
+        fixed = [(model(**model_inputs(b)).logits, b["labels"]) for b in iterate(split, 128)]
+        tight = [(model(**model_inputs(b)).logits, b["idx"])
+                 for b in iterate(split, 128, max_pad=0.1)]
+    ref = task.compute_metrics(torch.cat([x for x, _ in fixed]).numpy(),
+                               torch.cat([y for _, y in fixed]).numpy())
+    assert evaluate(model, split, task, torch.device("cpu")) == pytest.approx(ref, abs=1e-12)
+    by_idx = {int(i): x for xs, ids in tight for x, i in zip(xs, ids, strict=True)}
+    order = [int(i) for b in iterate(split, 128) for i in b["idx"]]
+    torch.testing.assert_close(torch.stack([by_idx[i] for i in order]),
+                               torch.cat([x for x, _ in fixed]), atol=1e-5, rtol=0)

@@ -99,6 +99,23 @@ def test_cpu_smoke_run_of_the_gpu_sweep_check(tmp_path):
         shares = figures["time_share"][pack]["ikd"]
         assert shares["exam"] > 0 and sum(shares.values()) == pytest.approx(1, abs=1e-3)
     assert figures["ratio"]["pack_2_over_pack_1"] > 0
+    # A kd trial's steady state in each sweep and alone in a fresh process (teacher cached),
+    # its start-up and its torch threads (the whole resources.cpu: 2 cores / k, or what the
+    # exported OMP_NUM_THREADS says); ikd's under by_method.
+    for pack, cpus in (("pack_1", 2), ("pack_2", 1)):
+        assert figures["trial_samples_per_s"][f"sweep_{pack}"] > 0
+        assert figures["startup_s"][f"sweep_{pack}"] > 0
+        assert 1 <= figures["threads"][f"sweep_{pack}"] <= cpus
+        assert figures["by_method"]["ikd"]["trial_samples_per_s"][f"sweep_{pack}"] > 0
+        assert figures["ratio"][f"sweep_{pack}_over_standalone_cold"] > 0
+    assert figures["trial_samples_per_s"]["standalone_cold"] > 0
+    assert figures["startup_s"]["standalone_cold"] > 0
+    gap = figures["experiments"]
+    assert gap["launch_us"]["tune_trial"] > 0 and gap["report_ms"]["plain"] > 0
+    for cold in ("cold_1", "cold_2"):
+        assert gap["standalone"][cold]["window_samples_per_s"] > 0, gap["standalone"]
+    for n in ("5", "100"):
+        assert gap["log_every"][n]["samples_per_s"] > 0, gap["log_every"]
     assert figures["estimate_gib"] > 0
     out = (tmp_path / "gpu_sweep_check.txt").read_text()
     assert "sweep_samples_per_s.pack_2 = " in out  # the dotted lines, for a reader

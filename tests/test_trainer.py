@@ -343,6 +343,7 @@ def test_throughput_is_the_training_windows_alone_and_startup_is_measured(home, 
     first = next(m for _, m in rec.logs if "samples_per_s" in m)
     assert first[names.STARTUP] == result[names.STARTUP] > 0
     assert sum(names.STARTUP in m for _, m in rec.logs) == 1
+    assert result[names.THREADS] == torch.get_num_threads()  # what it trained with
 
 
 # ----------------------------------------------------------------------------- selection

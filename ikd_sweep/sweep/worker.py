@@ -4,6 +4,7 @@ trainer; everything is reported to Tune (`events`), nothing to MLflow (the drive
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -59,6 +60,22 @@ class _Reporter:
         _report({"kind": EVAL, "step": int(step), "metrics": dict(metrics)}, top, ckpt)
 
 
+def pin_threads(cpu: float) -> int:
+    """Run the trial on `int(resources.cpu)` torch threads (at least 1) unless OMP_NUM_THREADS
+    already says how many; return the count.
+
+    Ray sets OMP_NUM_THREADS in a trial to its whole CPUs when the driver's environment does
+    not set it (measured, Ray 2.60 on 2 cores: resources.cpu 0.5 -> 1, 1 -> 1, 2 -> 2 threads),
+    so this only acts where it is unset: torch would then take every core, and k packed trials
+    would each spin on all of them. A value the user exported is kept: on an oversubscribed
+    machine one thread per process is the fast setting (benchmarks/README.md)."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, int(cpu)))
+    return torch.get_num_threads()
+
+
 def _teacher_first(sweep: SweepConfig, trial: Trial, home: str, attempt: str) -> None:
     """Fine-tune (or wait for) this trial's teacher, reporting each epoch to Tune."""
     from ikd_sweep import teacher as tc
@@ -90,6 +107,7 @@ def trainable(config: dict, *, sweep: SweepConfig, home: str, trials: dict[str, 
             not p.name.startswith(".") for p in Path(ckpt.path).iterdir()):
         ckpt = None  # emptied by drop_checkpoints, yet not FINISHED in MLflow: start over
     reporter = _Reporter((ckpt.get_metadata() or {}).get(EVALS, 0) if ckpt else 0)
+    pin_threads(sweep.resources.cpu)  # before the teacher: its fine-tuning runs here too
     work = Path(tempfile.mkdtemp(prefix=f"ikd-{trial.trial_id}-"))
     try:
         if trial.method != "finetune":
