@@ -147,7 +147,7 @@ def blocked_anova(y: np.ndarray, factors: dict[str, np.ndarray], block: np.ndarr
         if df_k < 1:
             out[name] = (np.nan, "confounded with the other knobs or the seed")
         elif df_res < 1:
-            out[name] = (np.nan, "needs more runs than the model's parameters")
+            out[name] = (np.nan, "needs more runs: none left over to estimate the noise")
         elif rss <= 1e-20 * max(1.0, float(y @ y)):
             out[name] = (np.nan, "no residual variation")
         else:

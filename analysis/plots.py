@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import (
     FixedLocator,
     FormatStrFormatter,
+    FuncFormatter,
     MaxNLocator,
     NullLocator,
 )
@@ -84,7 +85,9 @@ def _knob_panel(ax: Axes, report: Report, task: str, hparam: str) -> None:
         lo = np.nan_to_num(y - pts["ci_low"].to_numpy(dtype=float) * scale)
         hi = np.nan_to_num(pts["ci_high"].to_numpy(dtype=float) * scale - y)
         ax.errorbar(pts["value"].to_numpy(dtype=float), y, yerr=[lo, hi], marker="o",
-                    capsize=4, color=_color(str(method)), label=_label(str(method)))
+                    capsize=4, color=_color(str(method)), label=_label(str(method)) + (
+                        " (no interval: one run per value)" if pts["ci_low"].isna().all()
+                        else ""))
     if hparam == "teacher_lr":
         ax.set_xscale("log")
         control = _control_val(report, task)
@@ -94,8 +97,11 @@ def _knob_panel(ax: Axes, report: Report, task: str, hparam: str) -> None:
                        label=f"{_label(CONTROL)} (teacher_lr 0)")
             if np.isfinite(low):
                 ax.axhspan(low, high, color=_color(CONTROL), alpha=0.15, lw=0)
-    elif hparam == "exam_every":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Ticks at the values swept (a grid of 2, 4 has no 2.5), also on the log axis.
+    values = np.unique(rows["value"].to_numpy(dtype=float))
+    ax.xaxis.set_major_locator(FixedLocator(values))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set(xlabel=LABELS.get(hparam, hparam), title=hparam)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -128,8 +134,8 @@ def _knobs(report: Report, task: str, path: Path) -> Path | None:
     for ax, hparam in zip(axes, knobs, strict=True):
         _knob_panel(ax, report, task, hparam)
     axes[0].set_ylabel("val score, search runs" + (" (×100)" if report.scale == 100 else ""))
-    fig.suptitle(f"{task}: what the knobs do (mean over the other knobs and seeds, 95% CI)",
-                 fontsize=10)
+    fig.suptitle(f"{task}: val score by knob\n(mean over the other knobs and seeds, 95% CI)",
+                 fontsize=9)
     FigureCanvasAgg(fig)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)

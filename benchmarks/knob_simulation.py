@@ -86,7 +86,7 @@ def _row(label: str, spec: SimSpec, sweeps: int, rng: np.random.Generator) -> No
                  for m in ("ikd", "kd")}
         took = time.perf_counter() - start
         rate = 100 * (aa < 0.05).sum() / max(aa.notna().sum(), 1)
-        print(f"{label:<16} | {name:<13} | {rate:5.1f}% ({100 * aa.notna().mean():3.0f}% defined) "
+        print(f"{label:<17} | {name:<13} | {rate:5.1f}% ({100 * aa.notna().mean():3.0f}% defined) "
               f"| {found['ikd']:5.1f}% / {found['kd']:5.1f}% | {slope.mean():+.3f} ± "
               f"{slope.std():.3f}  ({took:.0f} s)")
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"{args.sweeps} sweeps per row, 5 tasks each")
-    print("noise, seeds     | test          | A/A p<.05 (cells)      | +1 pt/step T found "
+    print("noise, seeds      | test          | A/A p<.05 (cells)      | +1 pt/step T found "
           "(Holm p<.05) IKD / KD | slope, pt (mean ± sd over cells)")
     rng = np.random.default_rng(args.seed)
     for n_seeds in (1, 3, 5):

@@ -72,7 +72,7 @@ def test_intervals_are_over_seeds_and_one_seed_is_handled() -> None:
     # KD's 4 settings of one seed: no residual degree of freedom, a reason instead of a p.
     kd = tests.xs("kd", level="method")
     assert kd["p_value"].isna().all()
-    assert set(kd["note"]) <= {"needs more runs than the model's parameters"}
+    assert set(kd["note"]) <= {"needs more runs: none left over to estimate the noise"}
     assert sensitivity(one)["ci_low"].notna().any()
 
 
