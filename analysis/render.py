@@ -215,6 +215,7 @@ ul.notes { color: #555; font-size: 0.9em; }
 p.warning { color: #a40000; font-weight: bold; }
 figure { display: inline-block; margin: 0.5em; }
 figure img { max-width: 520px; border: 1px solid #eee; }
+figure.wide img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #555; text-align: center; }
 """
 
@@ -231,7 +232,9 @@ def png_data_uri(path: Path) -> str:
 
 def _figure(path: Path) -> str:
     caption = html.escape(Path(path).stem.replace("_", " "))
-    return (f'<figure><img alt="{caption}" src="{png_data_uri(Path(path))}">'
+    # The knob panels (one per knob, side by side) are read at full width.
+    wide = ' class="wide"' if Path(path).stem.endswith("_knobs") else ""
+    return (f'<figure{wide}><img alt="{caption}" src="{png_data_uri(Path(path))}">'
             f"<figcaption>{caption}</figcaption></figure>")
 
 
