@@ -410,6 +410,8 @@ def knobs_table(report: Report) -> pd.DataFrame:
         return pd.DataFrame()
     scale = report.scale
     groups = dict(list(sens.groupby(["task", "method", "hparam"], sort=False)))
+    # A method's only swept knob has all of the knobs' share by definition: say so.
+    alone = imp.groupby(["task", "method"], sort=False).size().eq(1)
 
     def values(r: pd.Series) -> str:
         rows = groups.get((r["task"], r["method"], r["hparam"]))
@@ -429,7 +431,8 @@ def knobs_table(report: Report) -> pd.DataFrame:
         "Val score by value: mean [95% CI] (runs)": values(r),
         "Seeds": int(r["n_seeds"]),
         "p (Holm)": "–" if pd.isna(r["p_value"]) else f"{_p(r['p_value'])} ({_p(r['p_holm'])})",
-        "Importance": "–" if pd.isna(r["importance"]) else f"{100 * r['importance']:.0f}%",
+        "Importance": "–" if pd.isna(r["importance"]) else f"{100 * r['importance']:.0f}%"
+        + (" (only knob)" if alone[(r["task"], r["method"])] else ""),
         "Note": r["note"] or "",
     })
 

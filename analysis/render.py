@@ -189,7 +189,9 @@ def to_latex(report: Report) -> str:
         ("Budget-fair view: expected dev score of the val-selected setting among n settings "
          "drawn without replacement (Dodge et al., 2019)", budget_display(report),
          "tab:ikd-budget"),
-        (f"{KNOBS_TITLE}. {knobs_note(report)}", knobs_table(report), "tab:ikd-knobs"),
+        # The note has %, _ and backticks: escaped as the cells are.
+        (f"{KNOBS_TITLE}. {_latex_text(knobs_note(report).replace('`', ''))}",
+         knobs_table(report), "tab:ikd-knobs"),
         ("Best single run per task and method (chosen on val)", best_runs_table(report),
          "tab:ikd-best"),
         ("Trial status", status_display(report), "tab:ikd-status"),

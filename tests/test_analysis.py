@@ -351,6 +351,10 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     for section in ("### Budget-fair view", "### Trial status", "### Best single run (by val)"):
         assert section in md
     assert "| sst2 | 2 | 81.00 (n=1/1) | 83.00 (n=2/2) | 87.00 (n=2/2) | +4.00 |" in md
+    # What the knobs do, on val: sst2 kd T=1 (.86, .85, .87) vs T=4 (.84, .85, .83); intervals
+    # t(2) over the 3 seeds; p of the seed-blocked ANOVA = the paired t-test (1.73 on 2 df).
+    assert ("| sst2 | KD | temperature | T=1: 86.00 [83.52, 88.48] (n=3); T=4: 84.00 [81.52, "
+            "86.48] (n=3) | 3 | 0.225 (0.225) | 100% (only knob) |") in md
 
     files = render.to_csv(report, tmp_path / "csv", runs=data.runs)
     back = pd.read_csv(tmp_path / "csv" / "selected.csv")
