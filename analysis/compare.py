@@ -58,7 +58,9 @@ def _average(per: pd.DataFrame, effect: float) -> dict[str, float]:
     """The Avg row's statistics over the tasks of ``per`` (one row each)."""
     mean, se, df = stats.welch_average(per["diff"], per["se"], per["df"])
     test = stats.t_tests(np.array([mean]), np.array([se]), np.array([df]))
-    var = per["sd"].to_numpy(dtype=float) ** 2
+    # A task with fewer than 2 pairs has no spread (its sd of 0 is a placeholder): then the
+    # average has none either, and planning it from the other tasks would understate it.
+    var = np.where(per["n_pairs"].to_numpy() >= 2, per["sd"].to_numpy(dtype=float), np.nan) ** 2
     # An average over k tasks of n seeds each: sd of a seed's average difference, and the
     # Welch-Satterthwaite df per seed, (sum var)^2 / sum var^2.
     sd_seed = np.sqrt(var.sum()) / len(per)

@@ -399,3 +399,73 @@ def budget_note(report: Report) -> str:
         "n=used/pooled (a setting none of whose seeds finished is not in the pool)."
     )
 
+
+
+# ------------------------------------------------------------------------------------------
+# What the knobs do
+# ------------------------------------------------------------------------------------------
+
+#: The section's title, the same in every format.
+KNOBS_TITLE = "What the knobs do"
+
+
+def _knob_value(hparam: str, value: float) -> str:
+    return f"{HPARAM_SHORT.get(hparam, hparam)}={_hp(value)}"
+
+
+def knobs_table(report: Report) -> pd.DataFrame:
+    """One row per (task, method, swept knob): the mean val score at each value with its 95 %
+    interval and runs, the knob test's p (Holm across the method's knobs) and its importance
+    share. Empty when no knob was swept."""
+    imp, sens = report.importance, report.sensitivity
+    if imp.empty:
+        return pd.DataFrame()
+    scale = report.scale
+    groups = dict(list(sens.groupby(["task", "method", "hparam"], sort=False)))
+    # A method's only swept knob has all of the knobs' share by definition: say so.
+    alone = imp.groupby(["task", "method"], sort=False).size().eq(1)
+
+    def values(r: pd.Series) -> str:
+        rows = groups.get((r["task"], r["method"], r["hparam"]))
+        if rows is None:
+            return "–"
+        return "; ".join(
+            f"{_knob_value(r['hparam'], v.value)}: {_num(v.mean, scale)}"
+            + ("" if pd.isna(v.ci_low) else f" [{_num(v.ci_low, scale)}, {_num(v.ci_high, scale)}]")
+            + f" (n={int(v.n)})"
+            for v in rows.itertuples()
+        )
+
+    return _rows(imp, lambda r: {
+        "Task": r["task"],
+        "Method": method_label(r["method"]),
+        "Knob": r["hparam"],
+        "Val score by value: mean [95% CI] (runs)": values(r),
+        "Seeds": int(r["n_seeds"]),
+        "p (Holm)": "–" if pd.isna(r["p_value"]) else f"{_p(r['p_value'])} ({_p(r['p_holm'])})",
+        "Importance": "–" if pd.isna(r["importance"]) else f"{100 * r['importance']:.0f}%"
+        + (" (only knob)" if alone[(r["task"], r["method"])] else ""),
+        "Note": r["note"] or "",
+    })
+
+
+def knobs_note(report: Report) -> str:
+    """What the knob table is computed from and what its numbers mean (every format)."""
+    one_seed = not report.importance.empty and report.importance["n_seeds"].lt(2).any()
+    return (
+        "Search phase and val split only (`sel/val_main` of the finished search runs): nothing "
+        "here reads dev. Mean: the val score at each value of the knob, averaged over the other "
+        "knobs within each seed, then over seeds; its 95% t-interval is over seeds (runs of one "
+        "seed share its luck)"
+        + ("; with one seed, over that seed's runs, so it leaves out the seed's own luck"
+           if one_seed else "")
+        + ". p: does the knob change the val score, an F-test in an additive ANOVA with the "
+        "seed as a block and the other knobs as factors, Holm's correction across the knobs of "
+        "a task and method in brackets (chosen by simulation, benchmarks/README.md: with no knob "
+        "effect and a seed's runs sharing its luck, p < 0.05 in 5.4% of cells at 3 seeds; a "
+        "temperature effect of +1 pt per step found in 98% of IKD's 36-setting grids at 3 "
+        "seeds, in 40% of KD's 4 settings). Importance: the knob's share of the variance the knobs "
+        "explain (Optuna's fANOVA over the finished runs, val centred within seed). "
+        f"{method_label(CONTROL)} is its own method: IKD's teacher_lr is swept over its "
+        "positive values only. A knob with one value is not listed."
+    )

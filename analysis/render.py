@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.display import (
+    KNOBS_TITLE,
     SEARCH_LABEL,
     SEARCH_MARK,
     best_runs_table,
@@ -22,6 +23,8 @@ from analysis.display import (
     budget_note,
     comparisons_table,
     headline_warning,
+    knobs_note,
+    knobs_table,
     main_table,
     notes,
     selected_table,
@@ -29,8 +32,18 @@ from analysis.display import (
     status_method_display,
 )
 from analysis.frames import AVG
+from analysis.knobs import SOURCE as KNOB_SOURCE
 from analysis.tables import INCOMPLETE_MARK, Report
 from ikd_sweep.names import CONFIRM, SEARCH
+
+#: File-name endings of the plots shown under "What the knobs do" (analysis.plots names them).
+KNOB_PLOTS = ("_knobs", "_ikd_parallel")
+
+
+def split_plots(plots: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(the knob plots, the others), each in the order given."""
+    knob = [Path(p) for p in plots if Path(p).stem.endswith(KNOB_PLOTS)]
+    return knob, [Path(p) for p in plots if Path(p) not in knob]
 
 # ------------------------------------------------------------------------------------------
 # Markdown
@@ -58,6 +71,11 @@ def to_markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     budget = budget_display(report)
     if not budget.empty:
         parts += ["", "### Budget-fair view", "", md_table(budget), "", f"- {budget_note(report)}"]
+    knob_plots, plots = split_plots(plots)
+    knobs = knobs_table(report)
+    if not knobs.empty or knob_plots:
+        parts += ["", f"### {KNOBS_TITLE}", "", md_table(knobs), "", f"- {knobs_note(report)}"]
+        parts += [""] + [f"![{p.stem}](plots/{p.name})" for p in knob_plots]
     parts += ["", "### Selected settings", "", md_table(selected_table(report))]
     parts += ["", "### Best single run (by val)", "", md_table(best_runs_table(report))]
     parts += ["", "### Trial status", "", md_table(status_display(report))]
@@ -87,6 +105,9 @@ def to_csv(report: Report, out_dir: Path, runs: pd.DataFrame | None = None) -> l
         "candidates.csv": report.candidates,
         "budget.csv": report.budget,
         "budget_at.csv": report.budget_at,
+        # Where the knob tables come from, on every row (they never read dev).
+        "sensitivity.csv": report.sensitivity.assign(source=KNOB_SOURCE),
+        "importance.csv": report.importance.assign(source=KNOB_SOURCE),
         "best_runs.csv": report.best_runs,
         "status.csv": report.status,
         "status_by_method.csv": report.status_by_method,
@@ -169,6 +190,9 @@ def to_latex(report: Report) -> str:
         ("Budget-fair view: expected dev score of the val-selected setting among n settings "
          "drawn without replacement (Dodge et al., 2019)", budget_display(report),
          "tab:ikd-budget"),
+        # The note has %, _ and backticks: escaped as the cells are.
+        (f"{KNOBS_TITLE}. {_latex_text(knobs_note(report).replace('`', ''))}",
+         knobs_table(report), "tab:ikd-knobs"),
         ("Best single run per task and method (chosen on val)", best_runs_table(report),
          "tab:ikd-best"),
         ("Trial status", status_display(report), "tab:ikd-status"),
@@ -194,6 +218,7 @@ ul.notes { color: #555; font-size: 0.9em; }
 p.warning { color: #a40000; font-weight: bold; }
 figure { display: inline-block; margin: 0.5em; }
 figure img { max-width: 520px; border: 1px solid #eee; }
+figure.wide img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #555; text-align: center; }
 """
 
@@ -208,6 +233,14 @@ def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def _figure(path: Path) -> str:
+    caption = html.escape(Path(path).stem.replace("_", " "))
+    # The knob panels (one per knob, side by side) are read at full width.
+    wide = ' class="wide"' if Path(path).stem.endswith("_knobs") else ""
+    return (f'<figure{wide}><img alt="{caption}" src="{png_data_uri(Path(path))}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
 def to_html(report: Report, plots: Sequence[Path] = ()) -> str:
     """One self-contained page: all tables, the plots inlined as data URIs."""
     title = f"ikd-sweep report: {report.sweep}" if report.sweep else "ikd-sweep report"
@@ -220,9 +253,11 @@ def to_html(report: Report, plots: Sequence[Path] = ()) -> str:
         + "".join(f"<li>{html.escape(n)}</li>" for n in notes(report))
         + "</ul>"
     )
+    knob_plots, plots = split_plots(plots)
     sections = [
         ("Paired comparisons", comparisons_table(report)),
         ("Budget-fair view", budget_display(report)),
+        (KNOBS_TITLE, knobs_table(report)),
         ("Selected settings", selected_table(report)),
         ("Best single run (by val)", best_runs_table(report)),
         ("Trial status", status_display(report)),
@@ -232,14 +267,12 @@ def to_html(report: Report, plots: Sequence[Path] = ()) -> str:
         body += [f"<h2>{html.escape(name)}</h2>", _html_table(frame)]
         if name == "Budget-fair view" and not frame.empty:
             body.append(f'<p class="notes">{html.escape(budget_note(report))}</p>')
+        if name == KNOBS_TITLE:
+            body.append(f'<p class="notes">{html.escape(knobs_note(report))}</p>')
+            body += [_figure(p) for p in knob_plots]
     if plots:
         body.append("<h2>Plots</h2>")
-        for path in plots:
-            caption = html.escape(Path(path).stem.replace("_", " "))
-            body.append(
-                f'<figure><img alt="{caption}" src="{png_data_uri(Path(path))}">'
-                f"<figcaption>{caption}</figcaption></figure>"
-            )
+        body += [_figure(p) for p in plots]
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"

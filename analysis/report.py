@@ -108,7 +108,7 @@ def make_report(
     wanted = normalize_formats(formats)
     data = collect(sweep, tracking_uri)
     _check_finished(data)
-    report = build_report(data.runs, data.expected, data.sweep)
+    report = build_report(data.runs, data.expected, data.sweep, knob_stats=True)
     text = render.to_markdown(report)
     if out is None and wanted == ["md"]:
         return text, []

@@ -49,6 +49,9 @@ class SimSpec:
     ikd_scale: float = 1.5
     #: True IKD − everything else, in score units (0.01 = +1 point).
     effect: float = 0.0
+    #: A planted knob effect: score units per step up the temperature grid (``TEMPERATURES``;
+    #: 0.01 = +1 point per step), for every method that uses the temperature.
+    temperature_slope: float = 0.0
     #: Probability that an IKD search trial FAILS (no metrics), independently per trial.
     ikd_fail: float = 0.2
     #: Probability that a search trial is stopped early (KILLED, partial scores), any method.
@@ -107,6 +110,9 @@ def _frames(
     is_ikd = rep["method"].eq("ikd").to_numpy()
     mu = truth.mu[task_idx] + np.where(is_ikd, spec.effect, 0.0)
     mu = mu + truth.seed_effect[task_idx, rep["seed"].to_numpy()]
+    if spec.temperature_slope:
+        step = pd.Series(rep["temperature"]).map({t: i for i, t in enumerate(TEMPERATURES)})
+        mu = mu + spec.temperature_slope * step.fillna(0.0).to_numpy(dtype=float)
     scale = np.where(is_ikd, spec.ikd_scale, 1.0)
     luck = rng.normal(0.0, spec.luck, n) * scale
     val = mu + luck + rng.normal(0.0, spec.val_noise, n) * scale

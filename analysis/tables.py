@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
+from analysis import knobs
 from analysis.compare import COLUMNS as COMPARISON_COLUMNS
 from analysis.compare import EFFECT_PT, compare
 from analysis.frames import (
@@ -91,6 +92,14 @@ class Report:
     status_by_method: pd.DataFrame
     #: Display scale of the scores: 100 for GLUE fractions (shown as points), else 1.
     scale: float = 1.0
+    #: What each swept knob does to the val score (search phase, val split; no dev):
+    #: task, method, hparam, value, n, n_seeds, mean, ci_low, ci_high (``analysis.knobs``).
+    sensitivity: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=knobs.SENSITIVITY_COLUMNS))
+    #: Per task, method and swept knob: p_value (seed-blocked ANOVA), p_holm (across the knobs
+    #: of a task and method), importance (Optuna fANOVA share), note (``analysis.knobs``).
+    importance: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=knobs.IMPORTANCE_COLUMNS))
     tasks: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
 
@@ -297,8 +306,9 @@ def _max_rank_weights(n_total: int) -> np.ndarray:
 
 def budget_curves(candidates: pd.DataFrame) -> pd.DataFrame:
     """``expected_dev`` at n = 1 … settings per (task, method), over the settings that have
-    both a val score and a dev score."""
-    columns = ["task", "method", "n", "expected_dev", "n_settings"]
+    both a val score and a dev score, and ``sd_dev``: the sd of the selected setting's dev
+    score over the draws of n settings (Dodge et al.'s band; 0 once every setting is drawn)."""
+    columns = ["task", "method", "n", "expected_dev", "sd_dev", "n_settings"]
     able = candidates[(candidates["n"] > 0) & candidates["mean"].notna()]
     if able.empty:
         return pd.DataFrame(columns=columns)
@@ -312,17 +322,19 @@ def budget_curves(candidates: pd.DataFrame) -> pd.DataFrame:
     sizes = able.groupby(["task", "method"], sort=False).size().to_numpy()
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     dev = able["mean"].to_numpy(dtype=float)
-    curve = np.empty(len(able))
+    curve, second = np.empty(len(able)), np.empty(len(able))
     # Groups of equal size share one weight matrix: one matrix product per size.
     for size in np.unique(sizes):
         rows = starts[sizes == size][:, None] + np.arange(size)
         curve[rows] = dev[rows] @ _max_rank_weights(int(size)).T
+        second[rows] = dev[rows] ** 2 @ _max_rank_weights(int(size)).T
     return pd.DataFrame(
         {
             "task": able["task"].to_numpy(),
             "method": able["method"].to_numpy(),
             "n": np.concatenate([np.arange(1, k + 1) for k in sizes]),
             "expected_dev": curve,
+            "sd_dev": np.sqrt(np.clip(second - curve**2, 0.0, None)),
             "n_settings": np.repeat(sizes, sizes),
         }
     )[columns]
@@ -390,13 +402,16 @@ def _best_runs(ix: Index) -> pd.DataFrame:
 
 def build_report(
     runs: pd.DataFrame, expected: pd.DataFrame | None, sweep: str = "", stats: bool = True,
-    effect_pt: float = EFFECT_PT,
+    effect_pt: float = EFFECT_PT, knob_stats: bool = False,
 ) -> Report:
     """All tables of a sweep from its runs (``collect.SweepRuns.runs``) and expected trials
     (``collect.SweepRuns.expected``; may be empty). See the module docstring for the protocol.
     ``stats=False`` skips the comparisons and the budget-fair view (left empty): the selection
     and its reported numbers alone, for callers that need just ``selected`` or ``scores``.
-    ``effect_pt``: the effect (displayed points) that ``comparisons.seeds_for_effect`` plans for."""
+    ``effect_pt``: the effect (displayed points) that ``comparisons.seeds_for_effect`` plans for.
+    ``knob_stats``: also fill ``sensitivity`` and ``importance`` (``analysis.knobs``; off by
+    default: the Optuna study per task and method costs a second, and the sweep driver, ``plan``
+    and the A/A simulations of thousands of tasks do not need it)."""
     ix = setting_index(runs, expected)
     candidates = _candidates(ix)
     selected, scores = _reported(ix, _pick(candidates))
@@ -406,11 +421,14 @@ def build_report(
     scale = display_scale(pd.concat([candidates["mean"], selected["mean"]], ignore_index=True))
     average, avg_tasks = glue_average(selected, methods)
     comparisons = pd.DataFrame(columns=COMPARISON_COLUMNS)
-    budget = pd.DataFrame(columns=["task", "method", "n", "expected_dev", "n_settings"])
+    budget = pd.DataFrame(columns=["task", "method", "n", "expected_dev", "sd_dev", "n_settings"])
     if stats:
         comparisons = compare(scores, selected, average, avg_tasks, tasks, scale, effect_pt)
         budget = budget_curves(candidates)
     status = trial_status(ix)
+    knob_frames = {}
+    if knob_stats:
+        knob_frames = {"sensitivity": knobs.sensitivity(runs), "importance": knobs.knob_tests(runs)}
     return Report(
         sweep=sweep,
         candidates=candidates.reset_index(drop=True),
@@ -427,4 +445,5 @@ def build_report(
         scale=scale,
         tasks=tasks,
         methods=methods,
+        **knob_frames,
     )

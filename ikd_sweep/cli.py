@@ -341,9 +341,13 @@ def plan(
     tracking_uri: TrackingOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """How many confirmation seeds a sweep needs to detect --effect, from its search phase."""
+    """How many confirmation seeds a sweep needs to detect --effect, from the spread of its
+    search seeds (its confirmation seeds where the search pairs fewer than 2)."""
     from analysis.collect import collect
     from analysis.plan import plan_seeds, plan_text
+    from ikd_sweep.tracking import quiet_mlflow
+
+    quiet_mlflow()  # no artifact download bars (trials.json) in the plan
 
     name, cfg_uri = sweep, None
     if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
@@ -373,6 +377,9 @@ def export(
     Example: ikd-sweep export --sweep demo --task sst2 --method ikd --out students/sst2-ikd
     """
     from ikd_sweep.export import export_student
+    from ikd_sweep.tracking import quiet_mlflow
+
+    quiet_mlflow()  # the student's download bar is MLflow's, not the CLI's output
 
     uri = _tracking_uri(tracking_uri, None, _home(home))
     got = export_student(sweep, task, method, seed, out, uri, register)

@@ -181,7 +181,7 @@ def glue_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def glue_report(glue_store):
     uri, _ = glue_store
     data = collect("glue_demo", uri)
-    return data, build_report(data.runs, data.expected, data.sweep)
+    return data, build_report(data.runs, data.expected, data.sweep, knob_stats=True)
 
 
 def _search_dev(task: str, method: str) -> np.ndarray:
@@ -363,6 +363,10 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     for section in ("### Budget-fair view", "### Trial status", "### Best single run (by val)"):
         assert section in md
     assert "| sst2 | 2 | 81.00 (n=1/1) | 83.00 (n=2/2) | 87.00 (n=2/2) | +4.00 |" in md
+    # What the knobs do, on val: sst2 kd T=1 (.86, .85, .87) vs T=4 (.84, .85, .83); intervals
+    # t(2) over the 3 seeds; p of the seed-blocked ANOVA = the paired t-test (1.73 on 2 df).
+    assert ("| sst2 | KD | temperature | T=1: 86.00 [83.52, 88.48] (n=3); T=4: 84.00 [81.52, "
+            "86.48] (n=3) | 3 | 0.225 (0.225) | 100% (only knob) |") in md
 
     files = render.to_csv(report, tmp_path / "csv", runs=data.runs)
     back = pd.read_csv(tmp_path / "csv" / "selected.csv")
@@ -375,7 +379,11 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     assert set(comp.loc[comp["task"].eq("sst2"), "warning"]) == {""}
     assert {"mde", "seeds_for_effect", "p_improve", "p_improve_low", "source"} <= set(comp)
     assert len(pd.read_csv(tmp_path / "csv" / "runs.csv")) == 36
-    assert len(pd.read_csv(tmp_path / "csv" / "budget.csv")) == 10  # 2 × (1 + 2 + 2) points
+    budget = pd.read_csv(tmp_path / "csv" / "budget.csv")
+    assert len(budget) == 10  # 2 × (1 + 2 + 2) points
+    # All of a method's settings drawn: the selected one is certain, the band closes.
+    last = budget.groupby(["task", "method"]).tail(1)
+    assert (last["sd_dev"] == 0).all() and (budget["sd_dev"] >= 0).all()
     assert all(p.exists() for p in files)
 
     tex = render.to_latex(report)
@@ -392,7 +400,7 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     assert names == sorted(
         f"{t}_{kind}.png"
         for t in ("sst2", "rte")
-        for kind in ("temperature", "budget", "learning_curves", "ikd_teacher")
+        for kind in ("knobs", "ikd_parallel", "budget", "learning_curves", "ikd_teacher")
     )
     for path in plots:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -403,6 +411,9 @@ def test_renderers(glue_report, tmp_path: Path) -> None:
     assert base64.b64decode(first)[:4] == b"\x89PNG"
     assert "<table" in page and "IKD − KD [95% CI]" in page and "Budget-fair view" in page
     assert f'<p class="warning">⚠ {SEARCH_LABEL}</p>' in page
+    # The knob plots sit under "What the knobs do", ahead of the other plots.
+    knobs_at = page.index("<h2>What the knobs do</h2>")
+    assert knobs_at < page.index('alt="sst2 knobs"') < page.index("<h2>Plots</h2>")
     # Confirmation seeds only (sst2): no label.
     sst2 = data.runs[data.runs["task"].eq("sst2")]
     confirmed = build_report(sst2, data.expected[data.expected["task"].eq("sst2")], "sst2")
@@ -420,6 +431,26 @@ def test_make_report_writes_all_formats(glue_store, tmp_path: Path) -> None:
     assert "plots/sst2_budget.png" in names
     assert all(p.exists() for p in files)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep.tmp")]
+    # What the knobs do: KD's and IKD's temperature (1, 4) on each task, val scores of the
+    # search runs (sst2 kd T=1: .86, .85, .87 -> mean .86), in every format.
+    assert {"sensitivity.csv", "importance.csv", "plots/sst2_knobs.png",
+            "plots/rte_ikd_parallel.png"} <= names
+    sens = pd.read_csv(tmp_path / "rep" / "sensitivity.csv")
+    assert {"task", "method", "hparam", "value", "n", "mean", "ci_low", "ci_high"} <= set(sens)
+    assert set(sens["hparam"]) == {"temperature"} and len(sens) == 8
+    kd1 = sens.set_index(["task", "method", "value"]).loc[("sst2", "kd", 1.0)]
+    assert (kd1["n"], kd1["mean"]) == (3, pytest.approx(0.86))
+    assert set(sens["source"]) == {"search phase, val split (sel/val_main); dev is not read"}
+    imp = pd.read_csv(tmp_path / "rep" / "importance.csv")
+    assert {"task", "method", "hparam", "p_value", "p_holm", "importance"} <= set(imp)
+    # sst2 kd: T=1 (.86, .85, .87) vs T=4 (.84, .85, .83), seeds as blocks: a paired t-test.
+    kd = imp.set_index(["task", "method"]).loc[("sst2", "kd")]
+    assert kd["p_value"] == pytest.approx(stats.ttest_rel([.86, .85, .87], [.84, .85, .83]).pvalue)
+    assert kd["importance"] == 1.0
+    for name in ("report.md", "report.html", "report.tex"):
+        page = (tmp_path / "rep" / name).read_text()
+        assert "What the knobs do" in page and "dev is not read" not in page
+        assert "nothing here reads dev" in page.replace("\\", "")
     # Terminal only: nothing written.
     text2, files2 = make_report(None, uri)
     assert files2 == [] and text2 == text
@@ -466,7 +497,7 @@ def messy_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_failed_seeds_count_against_their_setting(messy_store: str, tmp_path: Path) -> None:
     data = collect("messy", messy_store)
-    report = build_report(data.runs, data.expected, data.sweep)
+    report = build_report(data.runs, data.expected, data.sweep, knob_stats=True)
     status = report.status.set_index("method")
     assert status.loc["finetune"].to_dict() == pytest.approx(
         {
@@ -529,13 +560,20 @@ def test_failed_seeds_count_against_their_setting(messy_store: str, tmp_path: Pa
     assert "| cola | KD | 6 | 3 | 1 | 1 | 1 | 0 | 20% | 20% |" in status_md
     assert "| Total | | 12 | 6 | 1 | 1 | 1 | 3 | 12% | 12% |" in status_md
     assert "| KD | 6 | 3 | 1 | 1 | 1 | 0 | 20% | 20% |" in status_md  # per method
-    # Plots with a single temperature point or missing data are skipped, never crash.
+    # kd's temperature: 3 finished runs over 2 values and 2 seeds leave no residual degree of
+    # freedom: no p, and the reason; its means are still shown (one run at T=2: no interval).
+    knob = report.importance.set_index(["method", "hparam"]).loc[("kd", "temperature")]
+    assert math.isnan(knob["p_value"]) and knob["note"] in md
+    assert knob["note"] == "needs more runs: none left over to estimate the noise"
+    sens = report.sensitivity.set_index(["method", "value"])
+    assert sens.loc[("kd", 2.0), "n"] == 1 and math.isnan(sens.loc[("kd", 2.0), "ci_low"])
+    # Plots with a single point or missing data are skipped, never crash (ikd: one run).
     plots = make_plots(report, data.runs, tmp_path, history=data.history)
     assert sorted(p.name for p in plots) == [
         "cola_budget.png",
         "cola_ikd_teacher.png",
+        "cola_knobs.png",
         "cola_learning_curves.png",
-        "cola_temperature.png",
     ]
 
 
@@ -683,3 +721,55 @@ def test_plan_from_the_search_phase(glue_store) -> None:
     assert "detect 0.5 pt" in result.stdout and "sst2 34" in result.stdout
     bad = CliRunner().invoke(app, ["plan", "nope", "--tracking-uri", uri])
     assert bad.exit_code == 2 and "known sweeps" in bad.output
+
+
+def test_plan_uses_confirmation_pairs_where_the_search_has_too_few(glue_store) -> None:
+    uri, _ = glue_store
+    data = collect("glue_demo", uri)
+    # A search with one seed (as the demo's): sst2's confirmation seeds 4, 5 pair; rte's do not.
+    runs = data.runs[data.runs["phase"].eq("confirm") | data.runs["seed"].eq(1)]
+    frame, scale = plan_seeds(runs, data.expected, effect_pt=0.5)
+    rows = frame[frame["comparison"].eq("ikd-kd")].set_index("task")
+    assert rows.loc["sst2", "phase"] == "confirm" and rows.loc["sst2", "n_pairs"] == 2
+    # Confirmation ikd − kd on sst2: .86 − .84, .89 − .83 -> [.02, .06], sd .0283.
+    assert rows.loc["sst2", "sd"] == pytest.approx(np.std([0.02, 0.06], ddof=1))
+    assert rows.loc["rte", "phase"] == "search" and rows.loc["rte", "n_pairs"] == 1
+    assert math.isnan(rows.loc["rte", "seeds_needed"])
+    # No Avg answer where a task has none.
+    assert math.isnan(rows.loc["Avg", "seeds_needed"])
+    from analysis.plan import plan_text
+
+    text = plan_text("glue_demo", frame, scale, 0.5)
+    assert "sst2 " + str(int(rows.loc["sst2", "seeds_needed"])) in text
+    assert "(from 2 confirmation seed pairs)" in text
+    assert "rte ? (from 1 search seed pair; needs at least 2)" in text
+    assert "Avg over the tasks: ? (a task has fewer than 2 paired seeds)" in text
+    assert "seeds per task" not in text.split("IKD − KD")[1].split("\n  ")[0]
+
+
+def test_plan_and_export_print_no_download_bars(glue_store, monkeypatch, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ikd_sweep.cli import app
+
+    uri, _ = glue_store
+    # As in a fresh shell: nothing has switched MLflow's progress bars off yet.
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    result = CliRunner().invoke(app, ["plan", "glue_demo", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert "Downloading artifacts" not in result.output
+    # A student artifact on sst2's kd runs (a stand-in folder), for export to download.
+    from mlflow import MlflowClient
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text("{}")
+    client = MlflowClient(uri)
+    kd = collect("glue_demo", uri).runs
+    for run_id in kd.loc[kd["task"].eq("sst2") & kd["method"].eq("kd"), "run_id"]:
+        client.log_artifacts(run_id, str(tmp_path / "student"), "student")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    got = CliRunner().invoke(app, ["export", "--sweep", "glue_demo", "--task", "sst2", "--method",
+                                   "kd", "--out", str(tmp_path / "out"), "--tracking-uri", uri])
+    assert got.exit_code == 0, got.output
+    assert (tmp_path / "out" / "config.json").exists()
+    assert "Downloading artifacts" not in got.output
