@@ -130,3 +130,15 @@ def test_registry_labels():
             assert not task.is_regression
             assert len(task.label_names) == task.num_labels
     assert set(TASKS) >= {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+
+
+def test_majority_baseline_guesses_the_training_majority_on_dev():
+    # MRPC: train mostly "equivalent" (1); dev 3 of 4 equivalent -> accuracy .75, F1 6/7.
+    got = get_task("mrpc").majority_baseline(np.array([1, 1, 0]), np.array([1, 0, 1, 1]))
+    assert got["accuracy"] == pytest.approx(0.75) and got["f1"] == pytest.approx(6 / 7)
+    assert got["main"] == pytest.approx((0.75 + 6 / 7) / 2)
+    # The majority is the training rows', not dev's: a dev of all 0s scores 0 here.
+    assert get_task("rte").majority_baseline(np.array([1, 1, 0]), np.array([0, 0]))["main"] == 0
+    # A constant guess has no correlation and no Matthews: the floor is 0 by construction.
+    assert get_task("cola").majority_baseline(np.array([1, 0, 1]), np.array([0, 1]))["main"] == 0
+    assert get_task("stsb").majority_baseline(np.array([1.0, 4.0]), np.array([0.5, 3]))["main"] == 0

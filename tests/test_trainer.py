@@ -317,6 +317,8 @@ def test_callback_receives_the_promised_metric_names(home, method):
     assert result["sys/train_samples"] == (180 if method != "ikd" else 160)
     assert result["sys/samples_per_s"] > 0
     assert "sys/peak_gpu_gib" not in result  # CPU: no GPU memory to report
+    # the floor beside it: the dev score of guessing the training rows' majority class
+    assert 0 < result[names.MAJORITY_DEV] < 1
     # the result is the evaluation with the best val/main, reported with its dev score
     chosen = max(rec.reports, key=lambda r: r[1][names.VAL])  # max keeps the first of ties
     assert (result[names.SEL_STEP], result[names.SEL_VAL], result[names.SEL_DEV]) == (
