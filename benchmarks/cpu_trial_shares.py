@@ -47,7 +47,7 @@ from ikd_sweep import trainer  # noqa: E402
 from ikd_sweep import trial as trial_module  # noqa: E402
 from ikd_sweep.config import load_sweep, parse_overrides  # noqa: E402
 from ikd_sweep.data import iterate, prepare_data  # noqa: E402
-from ikd_sweep.models import autocast, build_model, load_tokenizer, model_inputs  # noqa: E402
+from ikd_sweep.models import build_model, load_tokenizer  # noqa: E402
 from ikd_sweep.timing import SECTIONS  # noqa: E402
 from ikd_sweep.trials import expand_trials, trial_seed  # noqa: E402
 
@@ -63,19 +63,23 @@ class PerTensorAdamW(torch.optim.AdamW):
         super().__init__(*args, **kwargs)
 
 
-@torch.no_grad()
-def old_evaluate(model, split, task, device, batch_size=128, pad_id=0) -> dict[str, float]:
-    """`trainer.evaluate` before issue 25: fixed `batch_size`-row batches in length order."""
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    for batch in iterate(split, batch_size, pad_id=pad_id, regression=task.is_regression):
-        with autocast(device):
-            out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
-        logits.append(out.logits.float().cpu())
-        labels.append(batch["labels"])
-    model.train(was_training)
-    return task.compute_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+_EVALUATE = trainer.evaluate  # today's, which `old_evaluate` runs on the old batches
+
+
+def _fixed_batches(split, batch_size, **kw):
+    """`data.iterate` as evaluation called it before issue 25: fixed `batch_size`-row batches."""
+    kw.pop("max_pad", None)
+    kw.pop("pad_multiple", None)
+    return iterate(split, batch_size, **kw)
+
+
+def old_evaluate(*args, **kwargs) -> dict[str, float]:
+    """`trainer.evaluate` before issue 25: the same code on fixed-size batches."""
+    trainer.iterate = _fixed_batches
+    try:
+        return _EVALUATE(*args, **kwargs)
+    finally:
+        trainer.iterate = iterate
 
 
 @contextlib.contextmanager
