@@ -17,13 +17,13 @@ from ikd_sweep import teacher as teacher_cache
 from ikd_sweep.config import SweepConfig
 from ikd_sweep.data import Split, prepare_data
 from ikd_sweep.home import Home
+from ikd_sweep.keep import KeepStudent
 from ikd_sweep.models import build_model, load_tokenizer
 from ikd_sweep.names import HPARAMS
 from ikd_sweep.store import git_commit
 from ikd_sweep.trainer import (
     Callback,
     FitSettings,
-    KeepStudent,
     fit,
     pick_device,
     seed_everything,
@@ -38,7 +38,7 @@ def run_trial(cfg: SweepConfig, trial: Trial, *, home: Path, callback: Callback 
     """Run one trial end to end: data, cached teacher (and logits for kd), training loop.
 
     `student_dir`: keep the selected student there (a Hugging Face folder with the tokenizer
-    and a model card; see `trainer.KeepStudent`)."""
+    and a model card; see `keep.KeepStudent`)."""
     started = time.perf_counter()  # for sys/startup_s: data, models, teacher until step 1
     dev = pick_device(device)
     seed = trial_seed(cfg, trial)
